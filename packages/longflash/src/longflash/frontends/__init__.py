@@ -1,0 +1,1 @@
+"""Framework front-ends: validation glue and autograd for PyTorch and JAX."""
