@@ -1,0 +1,135 @@
+"""Sequence parallelism in JAX (shard_map over 4 host devices) against one device.
+
+The cases run in one subprocess (tests/distributed/_jax_worker.py), because the device
+count must be fixed before jax is imported: each under jit and grad, with shard_map's
+default checks. Out, lse and gradients are compared here with longflash.attention over
+the whole sequence on one device, on the reference backend.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import jax  # noqa: F401  (the worker needs it; fail here, not skip, when it is missing)
+import numpy as np
+import pytest
+
+WORLD = 4
+# Relative Frobenius error; float64 is bounded by the float32 lse the protocol carries
+# (see test_distributed_torch.py).
+TOL = {"float64": 1e-6, "float32": 1e-5}
+BATCH, SEQ, HEAD_DIM = 2, 64, 16
+WORKER = Path(__file__).with_name("_jax_worker.py")
+
+
+def _cases() -> dict[str, dict]:
+    cases = {}
+    for dtype in ("float64", "float32"):
+        for layout in ("zigzag", "contiguous"):
+            for causal in (True, False):
+                cases[f"ring-{layout}-{'causal' if causal else 'full'}-{dtype}-gqa"] = dict(
+                    fn="ring", layout=layout, dtype=dtype, hq=4, hk=2, dv=16,
+                    kwargs=dict(causal=causal, backend="reference"))
+    cases["ring-zigzag-causal-float64-mqa-softcap-dv8"] = dict(
+        fn="ring", layout="zigzag", dtype="float64", hq=4, hk=1, dv=8,
+        kwargs=dict(causal=True, softcap=5.0, scale=0.3, backend="reference"))
+    cases["ulysses-causal-float64-gqa"] = dict(
+        fn="ulysses", layout="contiguous", dtype="float64", hq=8, hk=4, dv=16,
+        kwargs=dict(causal=True, backend="reference"))
+    cases["ulysses-window-float32"] = dict(
+        fn="ulysses", layout="contiguous", dtype="float32", hq=4, hk=4, dv=16,
+        kwargs=dict(window=(9, 2), backend="reference"))
+    cases["ulysses-heads-not-divisible"] = dict(
+        fn="ulysses", layout="contiguous", dtype="float32", hq=6, hk=2, dv=16,
+        kwargs=dict(causal=True, backend="reference"))
+    cases["ring-window"] = dict(
+        fn="ring", layout="zigzag", dtype="float32", hq=2, hk=2, dv=16,
+        kwargs=dict(window=(8, 0), backend="reference"))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    where = tmp_path_factory.mktemp("jax4")
+    rng = np.random.default_rng(0)
+    cases = {}
+    for name, case in _cases().items():
+        shapes = {"q": (case["hq"], HEAD_DIM), "k": (case["hk"], HEAD_DIM),
+                  "v": (case["hk"], case["dv"]), "dout": (case["hq"], case["dv"])}
+        cases[name] = {**case, **{n: rng.standard_normal((BATCH, SEQ, *s))
+                                  for n, s in shapes.items()}}
+    with open(where / "cases.pkl", "wb") as f:
+        pickle.dump(cases, f)
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={WORLD}",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, str(WORKER), str(where)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(where / "results.pkl", "rb") as f:
+        return cases, pickle.load(f)
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+GOOD = sorted(n for n in _cases() if n not in ("ulysses-heads-not-divisible", "ring-window"))
+
+
+@pytest.mark.parametrize("name", GOOD)
+def test_matches_single_device(results, name):
+    cases, res = results
+    got = res[name]
+    assert "error" not in got, got.get("error")
+    tol = TOL[cases[name]["dtype"]]
+    for key in ("out", "lse", "dq", "dk", "dv"):
+        want = got["ref"][key]
+        assert got[key].shape == want.shape and got[key].dtype == want.dtype, key
+        assert np.isfinite(got[key]).all(), key
+        err = _rel(got[key], want)
+        assert err < tol, f"{name} {key}: relative error {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parametrize("name", [n for n in GOOD if n.startswith("ring")])
+def test_ring_communicates(results, name):
+    _, res = results
+    got = res[name]
+    # In the traced program: 2(P-1) K/V shifts forward; backward 2(P-1) more and 2P
+    # shifts of the dK/dV sums. The lowered forward holds its 2(P-1) collective permutes.
+    assert got["ppermute"] == 2 * (WORLD - 1) + 2 * (WORLD - 1) + 2 * WORLD
+    assert got["hlo_collective_permute"] == 2 * (WORLD - 1)
+    assert got["all_to_all"] == 0
+    assert _rel(got["out"], got["local"]) > 0.05, "the ring's output equals local-only"
+
+
+def test_ulysses_communicates(results):
+    _, res = results
+    # forward: q, k, v, out and lse; backward: the adjoints of q, k, v and out.
+    assert res["ulysses-causal-float64-gqa"]["all_to_all"] == 5 + 4
+    assert res["ulysses-causal-float64-gqa"]["ppermute"] == 0
+
+
+def test_errors(results):
+    _, res = results
+    err = res["ulysses-heads-not-divisible"].get("error", "")
+    assert err.startswith("ValueError") and "must both be divisible by 4" in err, err
+    err = res["ring-window"].get("error", "")
+    assert err.startswith("UnsupportedError") and "window not supported by ring" in err, err
+
+
+def test_framework_arguments():
+    import jax.numpy as jnp
+    import longflash.distributed as lfd
+
+    x = jnp.zeros((1, 8, 2, 16))
+    with pytest.raises(ValueError, match="pass the mesh axis"):
+        lfd.ring_attention(x, x, x)
+    with pytest.raises(ValueError, match="group is a torch.distributed process group"):
+        lfd.ulysses_attention(x, x, x, group=object(), axis_name="sp")
+    with pytest.raises(ValueError, match="not a mesh axis"):
+        lfd.ring_attention(x, x, x, axis_name="sp")
