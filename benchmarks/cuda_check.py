@@ -1,0 +1,534 @@
+"""GPU check of the cuda backend: correctness against a float64 reference at small shapes,
+then timings at hd128 16K against SDPA flash and cuDNN in the same process.
+
+Run on an sm_90 machine with the library built (LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so):
+    PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src python benchmarks/cuda_check.py \
+        --phase {fwd,bwd,bench,all} --out results.json [--quick] [--only NAME]
+Writes one JSON with every case's errors and every timing; prints a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+from longflash.frontends import torch as lft
+from longflash_cuda import _lib, _torch, backend
+
+DEVICE = "cuda"
+TOL_FWD = {"bfloat16": 2e-2, "float16": 5e-3}
+TOL_BWD = {"bfloat16": 3e-2, "float16": 1e-2}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    den = b.norm().item()
+    num = (a - b).norm().item()
+    return num / den if den > 0 else num
+
+
+def where_bad(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Where a differs from b: the index of the largest difference and the fraction of
+    elements off by more than 5% of b's largest magnitude (localises a wrong tile)."""
+    d = (a.double() - b.double()).abs().nan_to_num(float("inf"))
+    idx = [int(i) for i in torch.unravel_index(d.argmax(), d.shape)]
+    scale = b.double().abs().max().item() or 1.0
+    return {"argmax": idx, "frac_bad": (d > 0.05 * scale).double().mean().item()}
+
+
+def reference(q, k, v, scale, window, softcap, dout):
+    """float64 attention with autograd; dense (B, N, H, D)."""
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    ke, ve = kd.repeat_interleave(g, dim=2), vd.repeat_interleave(g, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", qd, ke) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    nq, nk = q.shape[1], k.shape[1]
+    i = torch.arange(nq, device=q.device)[:, None]
+    j = torch.arange(nk, device=q.device)[None, :]
+    off = nk - nq
+    vis = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+    if window is not None:
+        left, right = window
+        if right is not None:
+            vis &= j - i <= off + right
+        if left is not None:
+            vis &= j - i >= off - left
+    s = s.masked_fill(~vis, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, ve)
+    out.backward(dout.double())
+    return out.detach(), lse.detach(), qd.grad, kd.grad, vd.grad
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def poison_cache(nbytes: int = 1 << 28) -> None:
+    # Freed blocks return to torch's cache; the next torch.empty of a similar size reuses one,
+    # so an output element the kernel never writes reads back as NaN.
+    x = torch.full((nbytes // 4,), float("nan"), device=DEVICE)
+    del x
+
+
+def run_case(
+    name,
+    *,
+    B=1,
+    Nq=256,
+    Nk=256,
+    Hq=4,
+    Hk=4,
+    D=128,
+    Dv=None,
+    dtype=torch.bfloat16,
+    causal=False,
+    window=None,
+    softcap=None,
+    varlen=None,
+    deterministic=False,
+    check_bwd=True,
+):
+    Dv = Dv or D
+    torch.manual_seed(0)
+    dev = DEVICE
+    rec = {
+        "name": name,
+        "B": B,
+        "Nq": Nq,
+        "Nk": Nk,
+        "Hq": Hq,
+        "Hk": Hk,
+        "D": D,
+        "Dv": Dv,
+        "dtype": str(dtype).removeprefix("torch."),
+        "causal": causal,
+        "window": window,
+        "softcap": softcap,
+        "varlen": varlen,
+        "deterministic": deterministic,
+    }
+    try:
+        if varlen is None:
+            q = torch.randn(B, Nq, Hq, D, device=dev, dtype=dtype)
+            k = torch.randn(B, Nk, Hk, D, device=dev, dtype=dtype)
+            v = torch.randn(B, Nk, Hk, Dv, device=dev, dtype=dtype)
+            call = lft.make_call(q, k, v, causal=causal, window=window, softcap=softcap)
+            poison_cache()
+            out, lse = _torch.forward(call, q, k, v)
+            dout = torch.randn_like(out)
+            poison_cache()
+            if check_bwd:
+                dq, dk, dv = _torch.backward(
+                    call, dout, q, k, v, out, lse, deterministic=deterministic
+                )
+                if deterministic:
+                    dq2, dk2, dv2 = _torch.backward(
+                        call, dout, q, k, v, out, lse, deterministic=True
+                    )
+                    rec["bitwise_repeat"] = bool(
+                        torch.equal(dq, dq2) and torch.equal(dk, dk2) and torch.equal(dv, dv2)
+                    )
+            sync()
+            ro, rl, rdq, rdk, rdv = reference(q, k, v, call.scale, call.window, softcap, dout)
+            pieces = [(out, ro, lse, rl)]
+            grads = [(dq, rdq), (dk, rdk), (dv, rdv)] if check_bwd else []
+        else:
+            lq, lk = varlen
+            cu_q = torch.tensor(
+                [0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32, device=dev
+            )
+            cu_k = torch.tensor(
+                [0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32, device=dev
+            )
+            q = torch.randn(sum(lq), Hq, D, device=dev, dtype=dtype)
+            k = torch.randn(sum(lk), Hk, D, device=dev, dtype=dtype)
+            v = torch.randn(sum(lk), Hk, Dv, device=dev, dtype=dtype)
+            call = lft.make_call(
+                q,
+                k,
+                v,
+                cu_seqlens_q=cu_q,
+                cu_seqlens_k=cu_k,
+                max_seqlen_q=max(lq),
+                max_seqlen_k=max(lk),
+                causal=causal,
+                window=window,
+                softcap=softcap,
+            )
+            poison_cache()
+            out, lse = _torch.forward(call, q, k, v)
+            dout = torch.randn_like(out)
+            poison_cache()
+            dq, dk, dv = _torch.backward(call, dout, q, k, v, out, lse)
+            sync()
+            pieces, grads = [], []
+            rdq, rdk, rdv = torch.zeros_like(q, dtype=torch.float64), None, None
+            rdk = torch.zeros_like(k, dtype=torch.float64)
+            rdv = torch.zeros_like(v, dtype=torch.float64)
+            ro_all = torch.zeros_like(out, dtype=torch.float64)
+            rl_all = torch.zeros_like(lse, dtype=torch.float64)
+            for b in range(len(lq)):
+                qs, qe = int(cu_q[b]), int(cu_q[b + 1])
+                ks, ke = int(cu_k[b]), int(cu_k[b + 1])
+                if qe == qs:
+                    continue
+                if ke == ks:
+                    ro_all[qs:qe] = 0
+                    rl_all[:, qs:qe] = -math.inf
+                    continue
+                ro, rl, a, bk, c = reference(
+                    q[None, qs:qe],
+                    k[None, ks:ke],
+                    v[None, ks:ke],
+                    call.scale,
+                    call.window,
+                    softcap,
+                    dout[None, qs:qe],
+                )
+                ro_all[qs:qe] = ro[0]
+                rl_all[:, qs:qe] = rl[0]
+                rdq[qs:qe], rdk[ks:ke], rdv[ks:ke] = a[0], bk[0], c[0]
+            pieces = [(out, ro_all, lse, rl_all)]
+            grads = [(dq, rdq), (dk, rdk), (dv, rdv)]
+        o, ro, lse_, rl = pieces[0]
+        rec["nan_out"] = bool(torch.isnan(o).any())
+        rec["err_out"] = rel(o, ro)
+        if rec["err_out"] > TOL_FWD[rec["dtype"]]:
+            rec["where_out"] = where_bad(o, ro)
+        finite = torch.isfinite(rl)
+        rec["lse_inf_match"] = bool(torch.equal(torch.isneginf(lse_), torch.isneginf(rl)))
+        rec["err_lse_max"] = (
+            (lse_.double()[finite] - rl[finite]).abs().max().item() if finite.any() else 0.0
+        )
+        ok = (
+            (not rec["nan_out"])
+            and rec["err_out"] < TOL_FWD[rec["dtype"]]
+            and rec["lse_inf_match"]
+            and rec["err_lse_max"] < 1e-2
+        )
+        for gname, (g, rg) in zip(("dq", "dk", "dv"), grads):
+            rec[f"nan_{gname}"] = bool(torch.isnan(g).any())
+            rec[f"err_{gname}"] = rel(g, rg)
+            if rec[f"err_{gname}"] > TOL_BWD[rec["dtype"]]:
+                rec[f"where_{gname}"] = where_bad(g, rg)
+            ok = ok and not rec[f"nan_{gname}"] and rec[f"err_{gname}"] < TOL_BWD[rec["dtype"]]
+        if deterministic:
+            ok = ok and rec.get("bitwise_repeat", False)
+        rec["ok"] = bool(ok)
+    except Exception as exc:  # record and go on: one run must report every case
+        rec["ok"] = False
+        rec["error"] = f"{type(exc).__name__}: {exc}"
+        rec["trace"] = traceback.format_exc()[-2000:]
+    return rec
+
+
+def cases(quick: bool, compiled):
+    out = []
+    bf, fp = torch.bfloat16, torch.float16
+    out += [
+        dict(name="hd128 dense", B=2, Nq=300, Nk=300),
+        dict(name="hd128 causal", B=2, Nq=300, Nk=300, causal=True),
+        dict(name="hd128 causal Nq<Nk", Nq=200, Nk=555, causal=True),
+        dict(name="hd128 causal Nq>Nk (empty rows)", Nq=555, Nk=200, causal=True),
+        dict(name="hd128 gqa fp16 causal", Hq=8, Hk=2, Nq=384, Nk=384, causal=True, dtype=fp),
+        dict(name="hd128 mqa", Hq=4, Hk=1, Nq=129, Nk=257),
+        dict(name="hd128 window(64,32)", Nq=500, Nk=500, window=(64, 32)),
+        dict(name="hd128 window(100,None)", Nq=300, Nk=700, window=(100, None)),
+        dict(name="hd128 softcap 30 causal", Nq=256, Nk=256, softcap=30.0, causal=True),
+        dict(
+            name="hd128 varlen causal",
+            varlen=([100, 0, 257, 1, 64], [130, 50, 257, 1, 0]),
+            causal=True,
+        ),
+        dict(name="hd128 varlen dense", varlen=([100, 3, 257], [130, 50, 200])),
+        dict(
+            name="hd128 deterministic causal", B=2, Nq=333, Nk=333, causal=True, deterministic=True
+        ),
+        dict(name="hd128 fp16 dense", Nq=1000, Nk=1000, dtype=fp),
+    ]
+    for d, dv in ((64, 64), (96, 96), (192, 192), (192, 128), (256, 256)):
+        for dt in (bf, fp):
+            key = "bfloat16" if dt is bf else "float16"
+            if (d, dv) in compiled[key]:
+                out.append(
+                    dict(
+                        name=f"hd{d}x{dv} {key} causal",
+                        Nq=333,
+                        Nk=333,
+                        D=d,
+                        Dv=dv,
+                        causal=True,
+                        dtype=dt,
+                    )
+                )
+                if not quick:
+                    out.append(
+                        dict(
+                            name=f"hd{d}x{dv} {key} gqa window",
+                            Hq=4,
+                            Hk=2,
+                            Nq=300,
+                            Nk=420,
+                            D=d,
+                            Dv=dv,
+                            window=(50, 70),
+                            dtype=dt,
+                        )
+                    )
+    return out
+
+
+def bench(fn, warmup=3, iters=10) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for i in range(iters):
+        start[i].record()
+        fn()
+        end[i].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(start, end))
+    return times[len(times) // 2]
+
+
+def timings(seqlen=16384, heads=16, d=128):
+    from functools import partial
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    res = []
+    dev = "cuda"
+    q = torch.randn(1, seqlen, heads, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn_like(q)
+    v = torch.randn_like(q)
+    qt, kt, vt = (x.transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    sdpa = F.scaled_dot_product_attention
+    for causal in (False, True):
+        flops = 4 * seqlen * seqlen * heads * d * (0.5 if causal else 1.0)
+        call = lft.make_call(q, k, v, causal=causal)
+        out, lse = _torch.forward(call, q, k, v)
+        dout = torch.randn_like(out)
+        row = {"causal": causal, "N": seqlen, "H": heads, "D": d}
+        t = bench(partial(_torch.forward, call, q, k, v))
+        row["cuda_fwd_ms"] = t
+        row["cuda_fwd_tflops"] = flops / t / 1e9
+        t = bench(partial(_torch.backward, call, dout, q, k, v, out, lse))
+        row["cuda_bwd_ms"] = t
+        row["cuda_bwd_tflops"] = 2.5 * flops / t / 1e9
+        for name, be in (
+            ("flash", SDPBackend.FLASH_ATTENTION),
+            ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ):
+            try:
+                with sdpa_kernel(be):
+                    t = bench(partial(sdpa, qt, kt, vt, is_causal=causal))
+                    row[f"{name}_fwd_tflops"] = flops / t / 1e9
+                    o = sdpa(qt, kt, vt, is_causal=causal)
+                    g = torch.randn_like(o)
+                    t = bench(partial(torch.autograd.grad, o, (qt, kt, vt), g, retain_graph=True))
+                    row[f"{name}_bwd_tflops"] = 2.5 * flops / t / 1e9
+                    if name == "flash":
+                        row["err_vs_sdpa_flash"] = rel(out, o.detach().transpose(1, 2))
+            except Exception as exc:
+                row[f"{name}_error"] = repr(exc)
+        res.append(row)
+    return res
+
+
+def frameworks() -> dict:
+    """Front-end paths: torch autograd, torch.compile(fullgraph=True), CUDA graph replay, and
+    jax jit/grad/vmap through the XLA FFI handlers, each against the direct binding call."""
+    import longflash
+    from longflash.registry import REGISTRY
+
+    REGISTRY.register(backend, replace=True)
+    res = {}
+    torch.manual_seed(1)
+    q = torch.randn(2, 300, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 300, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 300, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    call = lft.make_call(q, k, v, causal=True)
+    out_d, lse_d = _torch.forward(call, q.detach(), k.detach(), v.detach())
+    dout = torch.randn_like(out_d)
+    grads_d = _torch.backward(call, dout, q.detach(), k.detach(), v.detach(), out_d, lse_d)
+
+    def step(fn):
+        o = fn(q, k, v)
+        g = torch.autograd.grad(o, (q, k, v), dout)
+        return o, g
+
+    def eager(a, b, c):
+        return longflash.attention(a, b, c, causal=True, backend="cuda")
+
+    for name, fn in (("torch_eager", eager), ("torch_compile", None)):
+        try:
+            if fn is None:
+                fn = torch.compile(eager, fullgraph=True)
+            o, g = step(fn)
+            res[name] = max([rel(o, out_d)] + [rel(a, b) for a, b in zip(g, grads_d)])
+        except Exception:
+            res[name] = traceback.format_exc()[-1500:]
+    try:
+        qs, ks, vs = (x.detach().clone() for x in (q, k, v))
+        torch.cuda.synchronize()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                _torch.forward(call, qs, ks, vs)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            go, gl = _torch.forward(call, qs, ks, vs)
+            gg = _torch.backward(call, dout, qs, ks, vs, go, gl)
+        qs.copy_(q.detach())
+        graph.replay()
+        torch.cuda.synchronize()
+        res["torch_cuda_graph"] = max([rel(go, out_d)] + [rel(a, b) for a, b in zip(gg, grads_d)])
+    except Exception:
+        res["torch_cuda_graph"] = traceback.format_exc()[-1500:]
+    try:
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        def to_j(x):
+            return jnp.asarray(x.detach().float().cpu().numpy()).astype(jnp.bfloat16)
+
+        qj, kj, vj, dj = (to_j(x) for x in (q, k, v, dout))
+
+        def loss(a, b, c):
+            o = longflash.attention(a, b, c, causal=True, backend="cuda")
+            return jnp.sum(o.astype(jnp.float32) * dj.astype(jnp.float32)), o
+
+        (_, oj), gj = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(qj, kj, vj)
+
+        def back(x):
+            return torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda()
+
+        res["jax_jit_grad"] = max(
+            [rel(back(oj), out_d)] + [rel(back(a), b) for a, b in zip(gj, grads_d)]
+        )
+        vm = jax.jit(
+            jax.vmap(lambda a, b, c: longflash.attention(a, b, c, causal=True, backend="cuda"))
+        )(qj[:, None], kj[:, None], vj[:, None])
+        res["jax_vmap"] = rel(back(vm[:, 0]), out_d)
+    except Exception:
+        res["jax"] = traceback.format_exc()[-1500:]
+    return res
+
+
+class Watchdog:
+    """Ends the process (after saving the report) when one case runs too long: a hung kernel
+    must not take the rest of a timed GPU session with it."""
+
+    def __init__(self, seconds: float, save):
+        import threading
+
+        self.seconds, self.save, self.name = seconds, save, None
+        self.deadline = None
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def arm(self, name: str) -> None:
+        self.name, self.deadline = name, time.monotonic() + self.seconds
+
+    def disarm(self) -> None:
+        self.deadline = None
+
+    def _watch(self) -> None:
+        import os
+
+        while True:
+            time.sleep(0.5)
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                print(f"HANG in {self.name}: over {self.seconds}s", flush=True)
+                self.save(hang=self.name)
+                os._exit(3)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="cuda_check.json")
+    ap.add_argument("--phase", choices=("fwd", "bwd", "all", "bench", "frameworks"), default="all")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default=None, help="substring of case names to run")
+    ap.add_argument("--case-timeout", type=float, default=20.0)
+    args = ap.parse_args()
+    lib, why = _lib.load()
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(),
+        "available": backend.available(),
+        "build": lib.lf_build_config().decode() if lib else why,
+        "phase": args.phase,
+        "cases": [],
+    }
+
+    def save(**extra) -> None:
+        report.update(extra)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+    dog = Watchdog(args.case_timeout, save)
+    results = report["cases"]
+    if args.phase == "frameworks":
+        dog.arm("frameworks")
+        report["frameworks"] = frameworks()
+        dog.disarm()
+        print(json.dumps(report["frameworks"], indent=1))
+    elif args.phase != "bench":
+        compiled = _lib.compiled_head_dims(lib)
+        for c in cases(args.quick, compiled):
+            if args.only and args.only not in c["name"]:
+                continue
+            if args.phase == "fwd":
+                c = dict(c, check_bwd=False)
+                if c.get("varlen") or c.get("deterministic"):
+                    continue  # these run forward and backward together in the bwd phase
+            dog.arm(c["name"])
+            r = run_case(**c)
+            dog.disarm()
+            results.append(r)
+            save()
+            errs = {
+                k: (round(v, 5) if isinstance(v, float) else v)
+                for k, v in r.items()
+                if k.startswith(("err", "where")) or k in ("error", "bitwise_repeat")
+            }
+            print(("PASS " if r["ok"] else "FAIL ") + r["name"], errs, flush=True)
+            if "error" in r and ("CUDA" in r["error"] or "illegal" in r["error"]):
+                break  # a fault poisons the context: stop and report
+    if args.phase in ("bench", "all"):
+        dog.arm("timings")
+        try:
+            report["timings"] = timings()
+        except Exception as exc:
+            report["timings_error"] = traceback.format_exc()[-2000:]
+            print("timings failed:", exc)
+        dog.disarm()
+    save()
+    npass = sum(r["ok"] for r in results)
+    print(f"\n{npass}/{len(results)} cases pass")
+    for row in report.get("timings", []):
+        print(
+            " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        )
+    return 0 if npass == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+// Internal kernel parameters: the checked, normalised form of one C API call.
+// api.cpp fills these after validation; the kernel launchers read them. No framework types.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "longflash/longflash.h"
+
+namespace longflash {
+
+struct TensorRef {
+  void* ptr;
+  int64_t batch_stride;  // elements; a harmless valid value for varlen (one "batch")
+  int64_t seq_stride;
+  int64_t head_stride;
+};
+
+struct AttnShape {
+  int batch;  // sequences
+  int seqlen_q, seqlen_k;  // dense: Nq/Nk; varlen: the longest sequences (grid extent)
+  int rows_q, rows_k;      // rows of the seq axis of the TMA view: Nq/Nk dense, Tq/Tk varlen
+  int tma_batch;           // batch extent of the TMA view: B dense, 1 varlen
+  int heads_q, heads_k;
+  int dqk, dv;
+  const int* cu_q;  // device; nullptr when dense
+  const int* cu_k;
+  float scale;
+  float softcap;  // 0 = off
+  int window_left, window_right;  // < 0 = unbounded, already clamped to the sequence extents
+  bool deterministic;
+  bool is_bf16;
+
+  bool varlen() const { return cu_q != nullptr; }
+};
+
+struct FwdArgs {
+  AttnShape s;
+  TensorRef q, k, v, o;
+  float* lse;  // may be nullptr
+};
+
+// Workspace layout of the backward (offsets in bytes from the workspace base; 256-aligned).
+struct BwdWorkspace {
+  size_t dq_accum;   // float [rows][Hq][Dqk] indexed like dq (dense (B,Nq,Hq,D); varlen (Tq,Hq,D))
+  size_t lse_log2;   // float, lse * log2(e) in the lse layout; -inf rows become +inf (P = 0)
+  size_t dpsum;      // float, rowsum(dO * O) in the lse layout
+  size_t semaphores; // int, deterministic mode: one counter per (batch, head, m-block, warpgroup)
+  size_t total;
+};
+
+struct BwdArgs {
+  AttnShape s;
+  TensorRef q, k, v, o, dout, dq, dk, dv;
+  const float* lse;
+  char* workspace;
+  BwdWorkspace ws;
+};
+
+// Kernel entry points, one explicit instantiation per (dtype, Dqk, Dv) in generated units. The dtype
+// is a bool so that this header (and api.cpp) need no CUTLASS types.
+template <bool kBf16, int kDqk, int kDv>
+cudaError_t run_fwd_sm90(FwdArgs const& args, cudaStream_t stream);
+
+template <bool kBf16, int kDqk, int kDv>
+cudaError_t run_bwd_sm90(BwdArgs const& args, cudaStream_t stream);
+
+// Architecture-independent helpers (aux_kernels.cu).
+cudaError_t launch_bwd_preprocess(BwdArgs const& args, cudaStream_t stream);
+cudaError_t launch_dq_postprocess(BwdArgs const& args, cudaStream_t stream);
+// Zeroes a q-side (rows_q x heads_q) or k-side (rows_k x heads_k) tensor of width dim.
+cudaError_t launch_zero(AttnShape const& s, bool q_side, int dim, TensorRef x, cudaStream_t stream);
+cudaError_t launch_fill(float* x, int64_t n, float value, cudaStream_t stream);
+
+// Tile sizes the host needs for workspace sizing, independent of the kernel templates.
+constexpr int kBwdBlockM = 64;
+constexpr int kBwdBlockN = 64;
+
+}  // namespace longflash

@@ -1,0 +1,63 @@
+// Host side of the sm90 backward: TMA descriptors and the launch of the main kernel (one CTA per
+// (key block, kv head, sequence)). The preprocess/postprocess kernels live in aux_kernels.cu.
+// Target: sm_90a.
+#pragma once
+
+#include "bwd.cuh"
+#include "launch_common.cuh"
+
+namespace longflash::sm90 {
+
+template <typename Element, int kDqk, int kDv>
+cudaError_t launch_bwd(BwdArgs const& a, cudaStream_t stream) {
+  using K = BwdKernel<Element, kDqk, kDv>;
+  AttnShape const& s = a.s;
+  typename K::Params p{
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Element>(a.q, s.rows_q, kDqk, s.heads_q, s.tma_batch),
+                    take<0, 2>(typename K::SmemLayoutQ{}), Shape<Int<K::kBlockM>, Int<kDqk>>{},
+                    _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Element>(a.k, s.rows_k, kDqk, s.heads_k, s.tma_batch),
+                    typename K::SmemLayoutK{}, Shape<Int<K::kBlockN>, Int<kDqk>>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Element>(a.v, s.rows_k, kDv, s.heads_k, s.tma_batch),
+                    typename K::SmemLayoutV{}, Shape<Int<K::kBlockN>, Int<kDv>>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{},
+                    gmem_view<Element>(a.dout, s.rows_q, kDv, s.heads_q, s.tma_batch),
+                    take<0, 2>(typename K::SmemLayoutdO{}), Shape<Int<K::kBlockM>, Int<kDv>>{},
+                    _1{}),
+      s,
+      static_cast<Element*>(a.dk.ptr),
+      a.dk.batch_stride,
+      a.dk.seq_stride,
+      a.dk.head_stride,
+      static_cast<Element*>(a.dv.ptr),
+      a.dv.batch_stride,
+      a.dv.seq_stride,
+      a.dv.head_stride,
+      reinterpret_cast<float*>(a.workspace + a.ws.dq_accum),
+      reinterpret_cast<float const*>(a.workspace + a.ws.lse_log2),
+      reinterpret_cast<float const*>(a.workspace + a.ws.dpsum),
+      reinterpret_cast<int*>(a.workspace + a.ws.semaphores),
+      (s.softcap > 0.f ? 1.f : s.scale) * kLog2e,
+      s.softcap,
+      s.softcap > 0.f ? s.scale / s.softcap : 0.f,
+  };
+  auto kernel = bwd_kernel<K>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         K::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  dim3 grid((s.seqlen_k + K::kBlockN - 1) / K::kBlockN, s.heads_k, s.batch);
+  kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace longflash::sm90
+
+namespace longflash {
+
+template <bool kBf16, int kDqk, int kDv>
+cudaError_t run_bwd_sm90(BwdArgs const& args, cudaStream_t stream) {
+  using Element = std::conditional_t<kBf16, cutlass::bfloat16_t, cutlass::half_t>;
+  return sm90::launch_bwd<Element, kDqk, kDv>(args, stream);
+}
+
+}  // namespace longflash

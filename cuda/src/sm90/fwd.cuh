@@ -1,0 +1,331 @@
+// Forward attention: out = softmax(mask(softcap(scale·Q·Kᵀ)))·V, lse = log-sum-exp of each query row.
+// Tile 128 queries × kBlockN keys; Q read once per CTA, K/V (2-stage TMA ring) once per 128-query block.
+// Target sm_90a: TMA, wgmma, producer WG + 2 consumer WGs (setmaxnreg 24/240), softmax overlapped with P·V.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "../params.h"
+#include "utils.cuh"
+
+namespace longflash::sm90 {
+
+template <typename Element_, int kDqk_, int kDv_>
+struct FwdKernel {
+  using Element = Element_;
+  static constexpr int kDqk = kDqk_;
+  static constexpr int kDv = kDv_;
+  static constexpr int kBlockM = 128;
+  // Largest key block whose K/V ring (2 stages) plus the Q tile fits in 227 KB of shared memory
+  // and whose S accumulator (64 x kBlockN fp32 per warpgroup) leaves room for O in 240 registers.
+  static constexpr int kBlockN = kDqk <= 128 ? 128 : (kDqk <= 192 ? 96 : 64);
+  static constexpr int kStages = 2;
+  static constexpr int kConsumerWGs = 2;
+  static constexpr int kThreads = 128 * (kConsumerWGs + 1);
+  static constexpr int kConsumerThreads = 128 * kConsumerWGs;
+
+  using AtomLayout = Layout<Shape<Int<kConsumerWGs>, _1, _1>>;
+  using TiledMmaQK = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, Int<kDqk>>>(),
+      AtomLayout{}));
+  using TiledMmaPV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kDv>, Int<kBlockN>>,
+                           GMMA::Major::K, GMMA::Major::MN>(),
+      AtomLayout{}));
+
+  using SmemLayoutQ =
+      decltype(tile_to_shape(k_major_atom<Element, kDqk>(), Shape<Int<kBlockM>, Int<kDqk>>{}));
+  using SmemLayoutK = decltype(tile_to_shape(k_major_atom<Element, kDqk>(),
+                                             Shape<Int<kBlockN>, Int<kDqk>, Int<kStages>>{}));
+  using SmemLayoutV = decltype(tile_to_shape(k_major_atom<Element, kDv>(),
+                                             Shape<Int<kBlockN>, Int<kDv>, Int<kStages>>{}));
+  // Vᵀ as the MN-major B operand of P·V: the same bytes, modes swapped.
+  using SmemLayoutVt = decltype(composition(
+      SmemLayoutV{},
+      make_ordered_layout(Shape<Int<kDv>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+
+  // Global views (seq, d, head, batch) with unit stride along d.
+  using GmemLayout = Layout<Shape<int32_t, int32_t, int32_t, int32_t>,
+                            Stride<int64_t, _1, int64_t, int64_t>>;
+  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)),
+                                          GmemLayout{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{},
+                                      Shape<Int<kBlockM>, Int<kDqk>>{}, _1{}));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{},
+                                      take<0, 2>(SmemLayoutK{}),
+                                      Shape<Int<kBlockN>, Int<kDqk>>{}, _1{}));
+  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{},
+                                      take<0, 2>(SmemLayoutV{}),
+                                      Shape<Int<kBlockN>, Int<kDv>>{}, _1{}));
+
+  static constexpr uint32_t kBytesQ = kBlockM * kDqk * sizeof(Element);
+  static constexpr uint32_t kBytesK = kBlockN * kDqk * sizeof(Element);
+  static constexpr uint32_t kBytesV = kBlockN * kDv * sizeof(Element);
+
+  struct SharedStorage {
+    cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
+    cute::array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
+    uint64_t bar_q;
+    uint64_t k_full[kStages];
+    uint64_t k_empty[kStages];
+    uint64_t v_full[kStages];
+    uint64_t v_empty[kStages];
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
+
+  struct Params {
+    TmaQ tma_q;
+    TmaK tma_k;
+    TmaV tma_v;
+    AttnShape s;
+    Element* o;
+    int64_t o_batch_stride, o_seq_stride, o_head_stride;
+    float* lse;
+    float scale_log2;     // multiplies the (capped) score inside exp2
+    float softcap;        // 0 = off
+    float softcap_scale;  // scale / softcap
+  };
+
+  static __device__ __forceinline__ void run(Params const& p, char* smem_raw) {
+    SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
+    int const wg = threadIdx.x / 128;
+    // Reverse order: under a causal mask the last query blocks have the most keys; start them first.
+    int const m_block = gridDim.x - 1 - blockIdx.x;
+    int const h = blockIdx.y;
+    int const b = blockIdx.z;
+    SeqInfo const seq(p.s, b);
+    int const i0 = m_block * kBlockM;
+    if (i0 >= seq.len_q) return;  // varlen: this sequence is shorter than the grid
+    BandMask const band{seq.off, p.s.window_left, p.s.window_right, seq.len_q, seq.len_k};
+    int n_lo, n_hi;
+    band.key_blocks(i0, min(i0 + kBlockM, seq.len_q) - 1, kBlockN, n_lo, n_hi);
+
+    if (threadIdx.x == 0) {
+      Barrier::init(&ss.bar_q, 1);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kStages; ++i) {
+        Barrier::init(&ss.k_full[i], 1);
+        Barrier::init(&ss.v_full[i], 1);
+        Barrier::init(&ss.k_empty[i], kConsumerThreads);
+        Barrier::init(&ss.v_empty[i], kConsumerThreads);
+      }
+      cutlass::arch::fence_barrier_init();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+      cutlass::arch::warpgroup_reg_dealloc<24>();
+      if (threadIdx.x == 0 && n_lo <= n_hi) produce(p, ss, seq, m_block, h, n_lo, n_hi);
+    } else {
+      cutlass::arch::warpgroup_reg_alloc<240>();
+      consume(p, ss, seq, band, m_block, h, n_lo, n_hi);
+    }
+  }
+
+  static __device__ __forceinline__ void produce(Params const& p, SharedStorage& ss,
+                                                 SeqInfo const& seq, int m_block, int h, int n_lo,
+                                                 int n_hi) {
+    int const hk = h / (p.s.heads_q / p.s.heads_k);
+    Tensor mQ = p.tma_q.get_tma_tensor(
+        make_shape(p.s.rows_q, int32_t(kDqk), p.s.heads_q, p.s.tma_batch));
+    Tensor mK = p.tma_k.get_tma_tensor(
+        make_shape(p.s.rows_k, int32_t(kDqk), p.s.heads_k, p.s.tma_batch));
+    Tensor mV = p.tma_v.get_tma_tensor(
+        make_shape(p.s.rows_k, int32_t(kDv), p.s.heads_k, p.s.tma_batch));
+    Tensor gQ = local_tile(domain_offset(make_coord(seq.start_q, _0{}), mQ(_, _, h, seq.tma_batch)),
+                           Shape<Int<kBlockM>, Int<kDqk>>{}, make_coord(m_block, _0{}));
+    Tensor gK = local_tile(domain_offset(make_coord(seq.start_k, _0{}), mK(_, _, hk, seq.tma_batch)),
+                           Shape<Int<kBlockN>, Int<kDqk>>{}, make_coord(_, _0{}));
+    Tensor gV = local_tile(domain_offset(make_coord(seq.start_k, _0{}), mV(_, _, hk, seq.tma_batch)),
+                           Shape<Int<kBlockN>, Int<kDv>>{}, make_coord(_, _0{}));
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), SmemLayoutV{});
+    auto [tQg, tQs] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ),
+                                    group_modes<0, 2>(gQ));
+    auto [tKg, tKs] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                    group_modes<0, 2>(gK));
+    auto [tVg, tVs] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                                    group_modes<0, 2>(gV));
+
+    TxBarrier::arrive_and_expect_tx(&ss.bar_q, kBytesQ);
+    copy(p.tma_q.with(ss.bar_q), tQg, tQs);
+    RingState<kStages> st;
+    for (int n = n_hi; n >= n_lo; --n) {
+      Barrier::wait(&ss.k_empty[st.index], st.phase ^ 1);
+      TxBarrier::arrive_and_expect_tx(&ss.k_full[st.index], kBytesK);
+      copy(p.tma_k.with(ss.k_full[st.index]), tKg(_, n), tKs(_, st.index));
+      Barrier::wait(&ss.v_empty[st.index], st.phase ^ 1);
+      TxBarrier::arrive_and_expect_tx(&ss.v_full[st.index], kBytesV);
+      copy(p.tma_v.with(ss.v_full[st.index]), tVg(_, n), tVs(_, st.index));
+      st.advance();
+    }
+  }
+
+  static __device__ __forceinline__ void consume(Params const& p, SharedStorage& ss,
+                                                 SeqInfo const& seq, BandMask const& band,
+                                                 int m_block, int h, int n_lo, int n_hi) {
+    int const tid = threadIdx.x - 128;
+    TiledMmaQK mma_qk;
+    TiledMmaPV mma_pv;
+    auto thr_qk = mma_qk.get_thread_slice(tid);
+    auto thr_pv = mma_pv.get_thread_slice(tid);
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), SmemLayoutK{});
+    Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), SmemLayoutVt{});
+    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
+    Tensor tSrK = thr_qk.partition_fragment_B(sK);
+    Tensor tOrV = thr_pv.partition_fragment_B(sVt);
+
+    Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kDv>>{});
+    Tensor cS = thr_qk.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+    Tensor cO = thr_pv.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kDv>>{}));
+    Tensor S_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+    Tensor O_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
+    Tensor cS_rc = make_tensor(cS.data(), acc_rowcol(cS.layout()));
+    constexpr int kRows = decltype(size<0>(S_rc))::value;
+    static_assert(kRows == decltype(size<0>(O_rc))::value);
+
+    float row_max[kRows];
+    float row_sum[kRows];
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      row_max[r] = -INFINITY;
+      row_sum[r] = 0.f;
+    }
+    clear(tOrO);
+    int const i0 = m_block * kBlockM;
+    float const scale_log2 = p.scale_log2;
+
+    // Softcap, mask and the online-softmax update of one key block's scores (in tSrS, turned
+    // into unnormalised probabilities); corr[r] rescales what row r accumulated before.
+    auto softmax_step = [&](int n, float (&corr)[kRows]) {
+      int const j0 = n * kBlockN;
+      if (p.softcap > 0.f) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrS); ++i) {
+          tSrS(i) = p.softcap * tanh_fast(tSrS(i) * p.softcap_scale);
+        }
+      }
+      if (!band.tile_is_full(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1)) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrS); ++i) {
+          if (!band.visible(i0 + get<0>(cS(i)), j0 + get<1>(cS(i)))) tSrS(i) = -INFINITY;
+        }
+      }
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        float mx = row_max[r];
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < size<1>(S_rc); ++c) mx = fmaxf(mx, S_rc(r, c));
+        mx = quad_max(mx);
+        // A row with no visible key so far keeps max -inf; subtract 0 then so exp2 gives 0,
+        // not NaN.
+        float const mx_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
+        corr[r] = exp2f(row_max[r] * scale_log2 - mx_scaled);
+        row_max[r] = mx;
+        float sum = 0.f;
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < size<1>(S_rc); ++c) {
+          float const e = exp2f(S_rc(r, c) * scale_log2 - mx_scaled);
+          S_rc(r, c) = e;
+          sum += e;
+        }
+        row_sum[r] = row_sum[r] * corr[r] + sum;
+      }
+    };
+
+    if (n_lo <= n_hi) {
+      TxBarrier::wait(&ss.bar_q, 0);
+      // K and V walk the same ring; V lags K by one block, since P·V of block n is issued
+      // together with QKᵀ of the next block and softmax(next) runs while both are in flight.
+      RingState<kStages> st_k, st_v;
+      float corr[kRows];
+      Tensor rP = make_tensor<Element>(tSrS.layout());
+      Tensor tOrP = make_tensor(rP.data(), acc_as_A(rP.layout()));
+
+      Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
+      wg_gemm<true, 0, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
+      Barrier::arrive(&ss.k_empty[st_k.index]);
+      st_k.advance();
+      softmax_step(n_hi, corr);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<Element>(tSrS(i));
+
+      for (int n = n_hi - 1; n >= n_lo; --n) {
+        Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
+        wg_gemm<true, -1, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
+        Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
+        wg_gemm<false, -1, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
+        warpgroup_wait<1>();  // QKᵀ of block n is done (batches complete in issue order)
+        warpgroup_fence_operand(tSrS);
+        Barrier::arrive(&ss.k_empty[st_k.index]);
+        st_k.advance();
+        softmax_step(n, corr);
+        warpgroup_wait<0>();  // P·V of the previous block is done: O and P are free again
+        warpgroup_fence_operand(tOrO);
+        warpgroup_fence_operand(rP);
+        Barrier::arrive(&ss.v_empty[st_v.index]);
+        st_v.advance();
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= corr[r];
+        }
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<Element>(tSrS(i));
+      }
+      Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
+      wg_gemm<false, 0, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
+      Barrier::arrive(&ss.v_empty[st_v.index]);
+    }
+
+    // Epilogue: normalise, write O (pairs of adjacent columns) and the natural-log lse.
+    float lse_row[kRows];
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float const sum = quad_sum(row_sum[r]);
+      float const inv = sum > 0.f ? 1.f / sum : 0.f;
+      lse_row[r] = sum > 0.f ? (row_max[r] * scale_log2 + __log2f(sum)) * kLn2 : -INFINITY;
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= inv;
+    }
+    Element* o_base = p.o + int64_t(seq.tma_batch) * p.o_batch_stride +
+                      int64_t(seq.start_q) * p.o_seq_stride + int64_t(h) * p.o_head_stride;
+    static_assert(decltype(size<0, 0>(tOrO))::value == 2, "pairs of adjacent columns");
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tOrO); i += 2) {
+      int const row = i0 + get<0>(cO(i));
+      if (row < seq.len_q) {
+        alignas(4) Element pair[2] = {Element(tOrO(i)), Element(tOrO(i + 1))};
+        *reinterpret_cast<uint32_t*>(o_base + int64_t(row) * p.o_seq_stride + get<1>(cO(i))) =
+            *reinterpret_cast<uint32_t*>(pair);
+      }
+    }
+    if (p.lse != nullptr && tid % 4 == 0) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        int const row = i0 + get<0>(cS_rc(r, 0));
+        if (row < seq.len_q) {
+          int64_t const idx = p.s.cu_q != nullptr
+                                  ? int64_t(h) * p.s.rows_q + seq.start_q + row
+                                  : (int64_t(blockIdx.z) * p.s.heads_q + h) * p.s.seqlen_q + row;
+          p.lse[idx] = lse_row[r];
+        }
+      }
+    }
+  }
+};
+
+template <class Kernel>
+__global__ void __launch_bounds__(Kernel::kThreads, 1)
+    fwd_kernel(CUTE_GRID_CONSTANT typename Kernel::Params const params) {
+  extern __shared__ __align__(1024) char smem[];
+  Kernel::run(params, smem);
+}
+
+}  // namespace longflash::sm90

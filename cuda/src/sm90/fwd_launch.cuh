@@ -1,0 +1,53 @@
+// Host side of the sm90 forward: builds the TMA descriptors and launches one CTA per
+// (query block, head, sequence). Included only by the generated instantiation units.
+// Target: sm_90a.
+#pragma once
+
+#include "fwd.cuh"
+#include "launch_common.cuh"
+
+namespace longflash::sm90 {
+
+template <typename Element, int kDqk, int kDv>
+cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
+  using K = FwdKernel<Element, kDqk, kDv>;
+  AttnShape const& s = a.s;
+  typename K::Params p{
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Element>(a.q, s.rows_q, kDqk, s.heads_q, s.tma_batch),
+                    typename K::SmemLayoutQ{}, Shape<Int<K::kBlockM>, Int<kDqk>>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Element>(a.k, s.rows_k, kDqk, s.heads_k, s.tma_batch),
+                    take<0, 2>(typename K::SmemLayoutK{}), Shape<Int<K::kBlockN>, Int<kDqk>>{},
+                    _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Element>(a.v, s.rows_k, kDv, s.heads_k, s.tma_batch),
+                    take<0, 2>(typename K::SmemLayoutV{}), Shape<Int<K::kBlockN>, Int<kDv>>{},
+                    _1{}),
+      s,
+      static_cast<Element*>(a.o.ptr),
+      a.o.batch_stride,
+      a.o.seq_stride,
+      a.o.head_stride,
+      a.lse,
+      (s.softcap > 0.f ? 1.f : s.scale) * kLog2e,
+      s.softcap,
+      s.softcap > 0.f ? s.scale / s.softcap : 0.f,
+  };
+  auto kernel = fwd_kernel<K>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         K::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  dim3 grid((s.seqlen_q + K::kBlockM - 1) / K::kBlockM, s.heads_q, s.batch);
+  kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace longflash::sm90
+
+namespace longflash {
+
+template <bool kBf16, int kDqk, int kDv>
+cudaError_t run_fwd_sm90(FwdArgs const& args, cudaStream_t stream) {
+  using Element = std::conditional_t<kBf16, cutlass::bfloat16_t, cutlass::half_t>;
+  return sm90::launch_fwd<Element, kDqk, kDv>(args, stream);
+}
+
+}  // namespace longflash

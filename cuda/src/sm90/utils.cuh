@@ -1,0 +1,208 @@
+// Shared device helpers of the sm90 kernels: wgmma issue, register-layout views, barriers.
+// No tiles or IO of their own; used by the forward and backward kernels.
+// Target: sm_90a (wgmma, setmaxnreg, mbarrier transactions).
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+
+namespace longflash::sm90 {
+
+using namespace cute;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// One warpgroup MMA over all k-blocks of its operands. kARegs: A comes from registers (RS), whose
+// registers must be fenced like the accumulator. kWait < 0 returns with the batch still in flight.
+template <bool kZeroInit, int kWait, bool kARegs, class TiledMma, class TA, class TB, class TC>
+__device__ __forceinline__ void wg_gemm(TiledMma& mma, TA const& tA, TB const& tB, TC& tC) {
+  if constexpr (kARegs) warpgroup_fence_operand(const_cast<TA&>(tA));
+  warpgroup_fence_operand(tC);
+  warpgroup_arrive();
+  mma.accumulate_ = kZeroInit ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+  CUTLASS_PRAGMA_UNROLL
+  for (int kb = 0; kb < size<2>(tA); ++kb) {
+    cute::gemm(mma, tA(_, _, kb), tB(_, _, kb), tC);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  if constexpr (kWait >= 0) warpgroup_wait<kWait>();
+  warpgroup_fence_operand(tC);
+  if constexpr (kARegs) warpgroup_fence_operand(const_cast<TA&>(tA));
+}
+
+// Accumulator ((2,2,N/8), M, N) viewed as rows x cols: ((2,M), (2,N/8,N)). Thread t of a warpgroup
+// holds rows r0 + {0,8} of each 64-row atom, columns 8j + 2(t%4) + {0,1}.
+template <class L>
+__device__ __forceinline__ constexpr auto acc_rowcol(L l) {
+  static_assert(decltype(rank<0>(l))::value == 3);
+  auto v = get<0>(l);
+  return make_layout(make_layout(get<1>(v), get<1>(l)),
+                     make_layout(get<0>(v), get<2>(v), get<2>(l)));
+}
+
+// Accumulator of C = A·B (fp32, ((2,2,N/8), M, 1)) viewed as the A operand of a following
+// register-sourced wgmma with K = N: ((2,2,2), M, N/16). The value order of the m64nNk16
+// accumulator (col pair, row half, 8-col group) matches the A fragment (col pair, row half, k half)
+// k-block by k-block, so no data moves: only the layout changes.
+template <class L>
+__device__ __forceinline__ constexpr auto acc_as_A(L l) {
+  auto v = get<0>(l);
+  static_assert(decltype(size<2>(v))::value % 2 == 0);
+  auto s2 = stride<2>(v);
+  auto va = make_layout(make_shape(_2{}, _2{}, _2{}), make_stride(stride<0>(v), stride<1>(v), s2));
+  auto k = make_layout(make_shape(Int<decltype(size<2>(v))::value / 2>{}, size<2>(l)),
+                       make_stride(s2 * _2{}, stride<2>(l)));
+  return make_layout(va, get<1>(l), k);
+}
+
+template <typename To, class Tensor>
+__device__ __forceinline__ auto convert_to(Tensor const& t) {
+  auto out = make_tensor<To>(t.layout());
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < size(t); ++i) out(i) = static_cast<To>(t(i));
+  return out;
+}
+
+// Named barriers (ids 1..15; 0 is __syncthreads). Counts are in threads, multiples of 32.
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+using Barrier = cutlass::arch::ClusterBarrier;
+
+// Index and phase of a ring of `Stages` buffers.
+template <int Stages>
+struct RingState {
+  int index = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++index == Stages) {
+      index = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+__device__ __forceinline__ int floor_div(int a, int b) {
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+
+__device__ __forceinline__ float tanh_fast(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Warp-quad reductions: the 4 threads t, t^1, t^2, t^3 share accumulator rows.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+// Swizzled K-major smem atom for a row of D 16-bit elements: 128B swizzle when D is a multiple of
+// 64 (d64/128/192/256), 64B for d96.
+template <typename T, int D>
+__host__ __device__ constexpr auto k_major_atom() {
+  if constexpr (D % 64 == 0) {
+    return GMMA::Layout_K_SW128_Atom<T>{};
+  } else if constexpr (D % 32 == 0) {
+    return GMMA::Layout_K_SW64_Atom<T>{};
+  } else {
+    return GMMA::Layout_K_SW32_Atom<T>{};
+  }
+}
+
+// Per-sequence geometry of one (batch) entry: where its rows start and how many there are.
+struct SeqInfo {
+  int start_q, start_k;  // row offsets into the packed tensors (0 for dense)
+  int len_q, len_k;
+  int tma_batch;         // batch coordinate of the TMA views (0 for varlen)
+  int off;               // len_k - len_q: the diagonal of causal/window masks
+
+  template <class Shape>
+  __device__ __forceinline__ SeqInfo(Shape const& s, int b) {
+    if (s.cu_q != nullptr) {
+      // Clamp to the packed extents so that a malformed cu_seqlens never indexes out of bounds.
+      int q0 = min(max(__ldg(s.cu_q + b), 0), s.rows_q);
+      int q1 = min(max(__ldg(s.cu_q + b + 1), q0), s.rows_q);
+      int k0 = min(max(__ldg(s.cu_k + b), 0), s.rows_k);
+      int k1 = min(max(__ldg(s.cu_k + b + 1), k0), s.rows_k);
+      start_q = q0;
+      start_k = k0;
+      len_q = q1 - q0;
+      len_k = k1 - k0;
+      tma_batch = 0;
+    } else {
+      start_q = start_k = 0;
+      len_q = s.seqlen_q;
+      len_k = s.seqlen_k;
+      tma_batch = b;
+    }
+    off = len_k - len_q;
+  }
+};
+
+// The tile (rows [i0, i1], cols [j0, j1]) intersects the visible band iff some j - i lies in
+// [off - left, off + right]. Block ranges below are the exact solutions of that, so that the
+// forward's key-block range for a query block and the backward's query-block range for a key block
+// describe the same set of tiles (the deterministic backward relies on it).
+struct BandMask {
+  int off, left, right;  // left/right < 0: unbounded
+  int len_q, len_k;
+
+  // Key blocks [lo, hi] of width bn that meet query rows [i0, i1] (i1 < len_q). Empty: lo > hi.
+  __device__ __forceinline__ void key_blocks(int i0, int i1, int bn, int& lo, int& hi) const {
+    lo = 0;
+    hi = (len_k + bn - 1) / bn - 1;
+    if (right >= 0) hi = min(hi, floor_div(i1 + off + right, bn));
+    if (left >= 0) {
+      int t = i0 + off - left;
+      if (t > len_k - 1) {
+        hi = -1;
+      } else {
+        lo = max(lo, floor_div(t, bn));
+      }
+    }
+  }
+
+  // Query blocks [lo, hi] of height bm that meet key cols [j0, j1] (j1 < len_k).
+  __device__ __forceinline__ void query_blocks(int j0, int j1, int bm, int& lo, int& hi) const {
+    lo = 0;
+    hi = (len_q + bm - 1) / bm - 1;
+    if (right >= 0) {
+      int t = j0 - off - right;
+      if (t > len_q - 1) {
+        hi = -1;
+      } else {
+        lo = max(lo, floor_div(t, bm));
+      }
+    }
+    if (left >= 0) hi = min(hi, floor_div(j1 - off + left, bm));
+  }
+
+  // True when every (i, j) of the tile with j < len_k is visible: no per-element mask needed.
+  __device__ __forceinline__ bool tile_is_full(int i0, int i1, int j0, int j1) const {
+    if (j1 >= len_k) return false;
+    if (right >= 0 && j1 - i0 > off + right) return false;
+    if (left >= 0 && j0 - i1 < off - left) return false;
+    return true;
+  }
+
+  __device__ __forceinline__ bool visible(int i, int j) const {
+    return j < len_k && (right < 0 || j - i <= off + right) && (left < 0 || j - i >= off - left);
+  }
+};
+
+}  // namespace longflash::sm90

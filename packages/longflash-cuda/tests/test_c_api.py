@@ -1,0 +1,269 @@
+"""CPU-runnable tests of the C API through ctypes: argument checks, status strings, workspace
+sizes, the build description. None of these touches a GPU: every check runs before the device.
+They need the built library (skipped with the reason when it is missing)."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+from longflash_cuda import _lib
+
+lib, why = _lib.load()
+pytestmark = pytest.mark.skipif(lib is None, reason=f"library not built: {why}")
+
+# A fake, well-aligned device address: the checks below must fail before anything reads it.
+FAKE = 1 << 40
+
+
+def params(**kw) -> _lib.Params:
+    base = dict(
+        dtype=_lib.LF_BFLOAT16,
+        batch=2,
+        seqlen_q=100,
+        seqlen_k=120,
+        heads_q=8,
+        heads_k=2,
+        head_dim_qk=128,
+        head_dim_v=128,
+        scale=0.088,
+        window_left=-1,
+        window_right=-1,
+    )
+    base.update(kw)
+    return _lib.Params(**base)
+
+
+def dense(h: int, d: int, n: int, ptr: int = FAKE) -> _lib.Tensor:
+    return _lib.Tensor(ptr, n * h * d, h * d, d)
+
+
+def forward(p: _lib.Params, q=None, k=None, v=None, out=None, lse=None, ws=None, ws_bytes=0):
+    q = q or dense(p.heads_q, p.head_dim_qk, p.seqlen_q)
+    k = k or dense(p.heads_k, p.head_dim_qk, p.seqlen_k)
+    v = v or dense(p.heads_k, p.head_dim_v, p.seqlen_k)
+    out = out or dense(p.heads_q, p.head_dim_v, p.seqlen_q)
+    return lib.lf_attention_forward(ctypes.byref(p), q, k, v, out, lse, ws, ws_bytes, None)
+
+
+def last_error() -> str:
+    return lib.lf_last_error().decode()
+
+
+def status(name: str) -> int:
+    return {v: k for k, v in _lib.STATUS_NAMES.items()}[name]
+
+
+def compiled_any() -> tuple[int, int, int]:
+    for dt in (_lib.LF_BFLOAT16, _lib.LF_FLOAT16):
+        for d in ((128, 128), (64, 64), (96, 96), (192, 192), (192, 128), (256, 256)):
+            if lib.lf_has_kernel(d[0], d[1], dt):
+                return d[0], d[1], dt
+    pytest.skip("no kernel compiled")
+
+
+def test_status_names_and_version():
+    assert lib.lf_api_version() == _lib.API_VERSION
+    for code, name in _lib.STATUS_NAMES.items():
+        assert lib.lf_status_name(code).decode() == name
+    assert lib.lf_status_name(99).decode() == "LF_ERROR_UNKNOWN"
+
+
+def test_build_config_lists_compiled_kernels():
+    cfg = lib.lf_build_config().decode()
+    assert cfg.startswith("archs=") and "head_dims=" in cfg and "dtypes=" in cfg
+    dqk, dv, dt = compiled_any()
+    assert f"{dqk}x{dv}" in cfg
+
+
+def test_valid_params_accepted():
+    dqk, dv, dt = compiled_any()
+    p = params(head_dim_qk=dqk, head_dim_v=dv, dtype=dt)
+    assert lib.lf_check_params(ctypes.byref(p)) == _lib.LF_SUCCESS
+    assert last_error() == ""
+
+
+@pytest.mark.parametrize(
+    "change, code, words",
+    [
+        (dict(struct_size=4), "LF_ERROR_INVALID_ARGUMENT", "struct_size"),
+        (dict(dtype=7), "LF_ERROR_INVALID_ARGUMENT", "dtype"),
+        (dict(batch=-1), "LF_ERROR_INVALID_ARGUMENT", "batch"),
+        (dict(seqlen_q=-5), "LF_ERROR_INVALID_ARGUMENT", "seqlen"),
+        (dict(heads_q=0), "LF_ERROR_INVALID_ARGUMENT", "heads"),
+        (dict(heads_q=6, heads_k=4), "LF_ERROR_INVALID_ARGUMENT", "multiple"),
+        (dict(head_dim_qk=320, head_dim_v=320), "LF_ERROR_UNSUPPORTED", "head_dim"),
+        (dict(head_dim_qk=128, head_dim_v=64), "LF_ERROR_UNSUPPORTED", "head_dim"),
+        (dict(scale=float("nan")), "LF_ERROR_INVALID_ARGUMENT", "scale"),
+        (dict(scale=float("inf")), "LF_ERROR_INVALID_ARGUMENT", "scale"),
+        (dict(scale=-1.0), "LF_ERROR_UNSUPPORTED", "scale"),
+        (dict(softcap=-2.0), "LF_ERROR_INVALID_ARGUMENT", "softcap"),
+        (dict(softcap=float("inf")), "LF_ERROR_INVALID_ARGUMENT", "softcap"),
+        (dict(cu_seqlens_q=FAKE), "LF_ERROR_INVALID_ARGUMENT", "cu_seqlens"),
+        (dict(deterministic=3), "LF_ERROR_INVALID_ARGUMENT", "deterministic"),
+        (dict(heads_q=70000, heads_k=1), "LF_ERROR_UNSUPPORTED", "65535"),
+    ],
+)
+def test_bad_params_rejected(change, code, words):
+    dqk, dv, dt = compiled_any()
+    base = dict(head_dim_qk=dqk, head_dim_v=dv, dtype=dt)
+    base.update(change)
+    struct_size = base.pop("struct_size", None)
+    p = params(**base)
+    if struct_size is not None:
+        p.struct_size = struct_size
+    got = lib.lf_check_params(ctypes.byref(p))
+    assert _lib.STATUS_NAMES[got] == code, last_error()
+    assert words in last_error()
+    # Every entry point runs the same checks.
+    assert forward(p) == got
+    n = ctypes.c_size_t(123)
+    assert lib.lf_attention_backward_workspace_size(ctypes.byref(p), ctypes.byref(n)) == got
+
+
+def test_null_params():
+    assert lib.lf_check_params(None) == status("LF_ERROR_INVALID_ARGUMENT")
+    assert "NULL" in last_error()
+
+
+def test_uncompiled_head_dim_names_the_build():
+    for dt in (_lib.LF_BFLOAT16, _lib.LF_FLOAT16):
+        for d in ((64, 64), (96, 96), (128, 128), (192, 192), (192, 128), (256, 256)):
+            if not lib.lf_has_kernel(d[0], d[1], dt):
+                p = params(head_dim_qk=d[0], head_dim_v=d[1], dtype=dt)
+                assert lib.lf_check_params(ctypes.byref(p)) == status("LF_ERROR_UNSUPPORTED")
+                assert "no kernel" in last_error() and "this build" in last_error()
+                return
+    pytest.skip("every kernel is compiled")
+
+
+@pytest.mark.parametrize(
+    "which, tensor, code, words",
+    [
+        ("q", _lib.Tensor(None, 0, 0, 0), "LF_ERROR_INVALID_ARGUMENT", "q.data is NULL"),
+        ("k", _lib.Tensor(FAKE + 2, 100 * 256, 256, 128), "LF_ERROR_UNSUPPORTED", "aligned"),
+        ("v", _lib.Tensor(FAKE, 120 * 256, 258, 128), "LF_ERROR_UNSUPPORTED", "multiples of 8"),
+        ("out", _lib.Tensor(FAKE, -1, 1024, 128), "LF_ERROR_INVALID_ARGUMENT", "negative"),
+        ("q", _lib.Tensor(FAKE, 100 * 1024, 0, 128), "LF_ERROR_UNSUPPORTED", "broadcast"),
+    ],
+)
+def test_bad_tensors_rejected_before_device(which, tensor, code, words):
+    dqk, dv, dt = compiled_any()
+    p = params(head_dim_qk=dqk, head_dim_v=dv, dtype=dt)
+    got = forward(p, **{which: tensor})
+    assert _lib.STATUS_NAMES[got] == code, last_error()
+    assert words in last_error()
+
+
+def test_misaligned_lse_rejected():
+    dqk, dv, dt = compiled_any()
+    p = params(head_dim_qk=dqk, head_dim_v=dv, dtype=dt)
+    assert forward(p, lse=FAKE + 2) == status("LF_ERROR_INVALID_ARGUMENT")
+    assert "lse" in last_error()
+
+
+def test_empty_problem_is_a_no_op_without_device():
+    dqk, dv, dt = compiled_any()
+    p = params(head_dim_qk=dqk, head_dim_v=dv, dtype=dt, batch=0)
+    assert forward(p) == _lib.LF_SUCCESS
+
+
+def test_workspace_sizes():
+    dqk, dv, dt = compiled_any()
+    p = params(head_dim_qk=dqk, head_dim_v=dv, dtype=dt)
+    n = ctypes.c_size_t(7)
+    assert lib.lf_attention_forward_workspace_size(ctypes.byref(p), ctypes.byref(n)) == 0
+    assert n.value == 0
+    assert lib.lf_attention_backward_workspace_size(ctypes.byref(p), ctypes.byref(n)) == 0
+    rows = p.batch * p.seqlen_q
+    # fp32 dQ accumulator plus two fp32 per-row arrays, each rounded up to 256 bytes
+    at_least = rows * p.heads_q * dqk * 4 + 2 * rows * p.heads_q * 4
+    assert at_least <= n.value < at_least + 3 * 256
+    det = params(head_dim_qk=dqk, head_dim_v=dv, dtype=dt, deterministic=1)
+    m = ctypes.c_size_t(0)
+    assert lib.lf_attention_backward_workspace_size(ctypes.byref(det), ctypes.byref(m)) == 0
+    assert m.value > n.value  # the semaphores
+    assert lib.lf_attention_backward_workspace_size(ctypes.byref(p), None) == status(
+        "LF_ERROR_INVALID_ARGUMENT"
+    )
+
+
+def test_backward_checks_workspace_before_device():
+    dqk, dv, dt = compiled_any()
+    p = params(head_dim_qk=dqk, head_dim_v=dv, dtype=dt)
+    q = dense(p.heads_q, dqk, p.seqlen_q)
+    k = dense(p.heads_k, dqk, p.seqlen_k)
+    v = dense(p.heads_k, dv, p.seqlen_k)
+    o = dense(p.heads_q, dv, p.seqlen_q)
+    got = lib.lf_attention_backward(ctypes.byref(p), q, k, v, o, o, FAKE, q, k, v, FAKE, 16, None)
+    assert got == status("LF_ERROR_WORKSPACE")
+    assert "workspace is 16 bytes" in last_error()
+    got = lib.lf_attention_backward(
+        ctypes.byref(p), q, k, v, o, o, None, q, k, v, FAKE, 1 << 40, None
+    )
+    assert got == status("LF_ERROR_INVALID_ARGUMENT")
+    assert "lse" in last_error()
+
+
+def test_error_message_is_per_thread_and_cleared_on_success():
+    import threading
+
+    dqk, dv, dt = compiled_any()
+    bad = params(head_dim_qk=dqk, head_dim_v=dv, dtype=dt, heads_q=3)
+    assert lib.lf_check_params(ctypes.byref(bad)) != 0
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(last_error()))
+    t.start()
+    t.join()
+    assert seen == [""]
+    assert "multiple" in last_error()
+    good = params(head_dim_qk=dqk, head_dim_v=dv, dtype=dt)
+    assert lib.lf_check_params(ctypes.byref(good)) == 0
+    assert last_error() == ""
+
+
+def test_varlen_checks():
+    dqk, dv, dt = compiled_any()
+    p = params(
+        head_dim_qk=dqk,
+        head_dim_v=dv,
+        dtype=dt,
+        cu_seqlens_q=FAKE,
+        cu_seqlens_k=FAKE,
+        total_q=-1,
+        total_k=10,
+    )
+    assert lib.lf_check_params(ctypes.byref(p)) == status("LF_ERROR_INVALID_ARGUMENT")
+    assert "total_q" in last_error()
+    p = params(
+        head_dim_qk=dqk,
+        head_dim_v=dv,
+        dtype=dt,
+        cu_seqlens_q=FAKE + 2,
+        cu_seqlens_k=FAKE,
+        total_q=10,
+        total_k=10,
+    )
+    assert lib.lf_check_params(ctypes.byref(p)) == status("LF_ERROR_INVALID_ARGUMENT")
+    assert "aligned" in last_error()
+    # Varlen ignores batch_stride: with a junk one the tensor checks pass and the call gets as
+    # far as the device check (only run where there is no usable device, the pointers are fake).
+    if lib.lf_check_device(0) == _lib.LF_SUCCESS:
+        return
+    p = params(
+        head_dim_qk=dqk,
+        head_dim_v=dv,
+        dtype=dt,
+        cu_seqlens_q=FAKE,
+        cu_seqlens_k=FAKE,
+        total_q=10,
+        total_k=12,
+    )
+    junk = _lib.Tensor(FAKE, -12345, p.heads_q * dqk, dqk)
+    assert forward(p, q=junk) in (status("LF_ERROR_NO_DEVICE"), status("LF_ERROR_ARCH"))
+
+
+def test_check_device_rejects_missing_device():
+    got = lib.lf_check_device(10_000)
+    assert got in (status("LF_ERROR_NO_DEVICE"), status("LF_ERROR_ARCH"))
+    assert last_error()
