@@ -89,12 +89,19 @@ def attention_varlen(
 
     Args:
         q: (total_q, heads_q, head_dim): the sequences concatenated along axis 0.
-        k, v: (total_k, heads_k, head_dim) and (total_k, heads_k, head_dim_v).
-        cu_seqlens_q, cu_seqlens_k: int32, length batch+1, prefix sums of the sequence
-            lengths starting at 0; sequence b is q[cu_seqlens_q[b]:cu_seqlens_q[b+1]].
-        max_seqlen_q, max_seqlen_k: the longest sequence lengths, if known (saves a
-            device-to-host read in some backends).
-        Other arguments as in attention(); the causal/window offset is per sequence.
+        k: (total_k, heads_k, head_dim).
+        v: (total_k, heads_k, head_dim_v).
+        cu_seqlens_q: int32, length batch+1, prefix sums of the query lengths starting at
+            0; sequence b is q[cu_seqlens_q[b]:cu_seqlens_q[b+1]].
+        cu_seqlens_k: the same for keys and values.
+        max_seqlen_q: the longest query sequence, if known (saves a device-to-host read).
+        max_seqlen_k: the longest key sequence, if known.
+        causal: as in attention(); the offset seqlen_k - seqlen_q is per sequence.
+        scale: as in attention().
+        window: as in attention(), per sequence.
+        softcap: as in attention().
+        return_lse: also return the log-sum-exp, float32, shape (heads_q, total_q).
+        backend: as in attention().
 
     Returns:
         out (total_q, heads_q, head_dim_v), or (out, lse) with lse (heads_q, total_q).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -106,7 +107,7 @@ class Registry:
             except Exception as exc:  # pragma: no cover - broken metadata
                 log.warning("could not read entry points %s: %s", ENTRY_POINT_GROUP, exc)
                 eps = ()
-            for ep in eps:
+            for ep in [*eps, *_env_entry_points()]:
                 if ep.name == "reference" or ep.name in found:
                     continue
                 found[ep.name] = ep  # loaded lazily
@@ -258,6 +259,20 @@ class Registry:
                 tag = "  <- auto picks this" if name == chosen else ""
                 lines.append(f"  {name}: accepts{tag}")
         return "\n".join(lines)
+
+
+def _env_entry_points() -> list[metadata.EntryPoint]:
+    """Backends named in LONGFLASH_BACKENDS="name=module:attr,..." — for source trees that are
+    on sys.path but not pip-installed (no entry-point metadata), e.g. on a build machine."""
+    spec = os.environ.get("LONGFLASH_BACKENDS", "")
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or ":" not in value:
+            log.warning("ignoring LONGFLASH_BACKENDS entry %r (expected name=module:attr)", item)
+            continue
+        out.append(metadata.EntryPoint(name.strip(), value.strip(), ENTRY_POINT_GROUP))
+    return out
 
 
 def _is_backend(obj: Any) -> bool:
