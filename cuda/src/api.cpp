@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -260,6 +261,16 @@ lf_status cuda_fail(cudaError_t err, char const* what) {
 
 size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
+// Backward variant from LONGFLASH_CUDA_BWD ("v2" or "v3"; default v2, the GPU-validated one). Read
+// on every call (cheap next to a launch) so a process can switch it for A/B timing.
+int bwd_version() {
+  char const* e = std::getenv("LONGFLASH_CUDA_BWD");
+  if (e == nullptr) return 2;
+  if (std::strcmp(e, "v3") == 0 || std::strcmp(e, "3") == 0) return 3;
+  if (std::strcmp(e, "timing-no-dq-add") == 0) return kBwdTimingNoDqAdd;
+  return 2;
+}
+
 BwdWorkspace bwd_workspace(lf_attention_params const& p) {
   BwdWorkspace w{};
   size_t const rows = size_t(tokens_q(p));
@@ -411,6 +422,7 @@ lf_status lf_attention_backward(const lf_attention_params* params, lf_tensor q, 
   }
   a.lse = lse;
   a.ws = bwd_workspace(p);
+  a.bwd_version = bwd_version();
   if (workspace_bytes < a.ws.total) {
     return fail(LF_ERROR_WORKSPACE, "workspace is %zu bytes, the call needs %zu "
                 "(lf_attention_backward_workspace_size)", workspace_bytes, a.ws.total);

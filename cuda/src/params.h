@@ -55,7 +55,12 @@ struct BwdArgs {
   const float* lse;
   char* workspace;
   BwdWorkspace ws;
+  int bwd_version;  // dQ accumulation: 2 = per-thread REDs, 3 = smem staging + TMA bulk reduce
 };
+
+// LONGFLASH_CUDA_BWD=timing-no-dq-add: the backward without its dQ reductions (dQ comes out wrong).
+// It exists to measure what the reductions cost; nothing but benchmarks/cuda_bwd_ab.py sets it.
+constexpr int kBwdTimingNoDqAdd = -1;
 
 // Kernel entry points, one explicit instantiation per (dtype, Dqk, Dv) in generated units. The dtype
 // is a bool so that this header (and api.cpp) need no CUTLASS types.

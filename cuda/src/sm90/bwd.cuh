@@ -1,6 +1,7 @@
 // Backward attention: dV = Pᵀ·dO and dK = scale·dSᵀ·Q on chip per key block, dQ += scale·dS·K in fp32.
 // Tile 64 keys × 64 queries; K/V read once per CTA, Q/dO (2-stage TMA ring) once per 64-key block.
-// Target sm_90a: WG1 Sᵀ,P,dV; WG2 dPᵀ,dS,dK; dQ = dS·K split by column chunks, added with REDs to L2.
+// Target sm_90a: WG1 Sᵀ,P,dV; WG2 dPᵀ,dS,dK; dQ = dS·K split by column chunks, added to L2 either
+// with per-thread REDs (v2) or staged in smem and added with one TMA bulk reduce per row (v3).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -23,6 +24,27 @@ __device__ __forceinline__ void red_release_add(int* p, int v) {
 // waits on the L2 round trip.
 __device__ __forceinline__ void red_add_f32x2(float* p, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+}
+
+// TMA bulk reduce-add of `bytes` (multiple of 16, both addresses 16-byte aligned) of fp32 from
+// shared to global memory: L2 sees one 256-byte reduction per dQ row instead of 32 8-byte REDs.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, float const* src, int bytes) {
+  uint32_t const s = static_cast<uint32_t>(__cvta_generic_to_shared(src));
+  asm volatile(
+      "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(dst),
+      "r"(s), "r"(bytes)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_commit() {
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+// Waits until at most N of this thread's bulk groups may still be reading their shared source.
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void bulk_wait_all() {
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
 // The i-th query block a key block visits. Without the deterministic order, each key block starts
@@ -113,17 +135,31 @@ struct BwdKernel {
   static constexpr uint32_t kBytesQdO = kBlockM * (kDqk + kDv) * sizeof(Element);
   static constexpr int kPElems = kBlockN * kBlockM;  // the fp32 P tile handed from WG1 to WG2
 
-  struct SharedStorage {
+  // v3 dQ staging: one 64-row chunk per buffer, rows padded by 8 floats so the float2 stores of a
+  // half-warp (4 rows × 4 column pairs) hit 32 distinct banks; a row stays 16-byte aligned.
+  static constexpr int kStageStride = kChunk + 8;
+  static constexpr int kStageFloats = kBlockM * kStageStride;
+
+  template <int kBufs>
+  struct SharedStorageT {
     cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cosize_v<SmemLayoutdO>, 1024> dout;
     cute::array_aligned<Element, cosize_v<SmemLayoutdS>, 1024> ds;
     cute::array_aligned<float, kPElems, 128> p;
+    // Per consumer warpgroup, kBufs staging buffers (4 floats when v3 does not fit).
+    cute::array_aligned<float, kBufs == 0 ? 4 : 2 * kBufs * kStageFloats, 128> dq_stage;
     uint64_t kv_full;
     uint64_t q_full[kStages];
     uint64_t q_empty[kStages];
   };
+  // Double-buffered staging where it fits (a warp refills one buffer while the other drains),
+  // single where only that fits, none (v3 falls back to v2) at the largest head dims.
+  static constexpr int kDqBufs = sizeof(SharedStorageT<2>) <= 227 * 1024   ? 2
+                                 : sizeof(SharedStorageT<1>) <= 227 * 1024 ? 1
+                                                                           : 0;
+  using SharedStorage = SharedStorageT<kDqBufs>;
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
 
@@ -144,6 +180,8 @@ struct BwdKernel {
     float scale_log2;
     float softcap;
     float softcap_scale;
+    bool bulk_dq;             // v3: stage dQ chunks in smem, add them with TMA bulk reduces
+    bool skip_dq_add;         // timing experiment only: dQ GEMM without the add (dQ is wrong)
   };
 
   // Index into the lse-shaped arrays (dense (B, Hq, Nq); varlen (Hq, Tq)).
@@ -259,7 +297,7 @@ struct BwdKernel {
   static __device__ __forceinline__ void dq_update(Params const& p, SharedStorage& ss,
                                                    SeqInfo const& seq, BandMask const& band,
                                                    int b, int h, int m, int n_block, int w,
-                                                   int tid) {
+                                                   int tid, int& buf) {
     if (w >= kNumChunks) return;
     MmaDQ mma;
     auto thr = mma.get_thread_slice(tid);
@@ -291,6 +329,37 @@ struct BwdKernel {
       Tensor tdQrK = thr.partition_fragment_B(sKt_c);
       Tensor acc = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kChunk>>{});
       wg_gemm<true, 0, false>(mma, tdQrdS, tdQrK, acc);
+      if (p.skip_dq_add) continue;
+      if constexpr (kDqBufs > 0) {
+        if (p.bulk_dq) {
+          // Warp q of the warpgroup holds rows 16q..16q+15 of the chunk (wgmma accumulator layout),
+          // so each warp stages and drains its own rows: no warpgroup barrier. Lane l < 16 owns row
+          // 16q + l's reduce, and its bulk groups are what it waits on before the buffer is reused.
+          int const warp = tid / 32, lane = tid % 32;
+          float* stage = ss.dq_stage.data() + (w * kDqBufs + buf) * kStageFloats;
+          bulk_wait_read<kDqBufs - 1>();
+          __syncwarp();
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(acc); i += 2) {
+            *reinterpret_cast<float2*>(stage + get<0>(cdQ(i)) * kStageStride + get<1>(cdQ(i))) =
+                make_float2(acc(i), acc(i + 1));
+          }
+          // Generic-proxy stores must be visible to the async proxy (the bulk copy) before issue.
+          cutlass::arch::fence_view_async_shared();
+          __syncwarp();
+          if (lane < 16) {
+            int const r = warp * 16 + lane;
+            int const row = m * kBlockM + r;
+            if (row < seq.len_q) {
+              bulk_reduce_add_f32(base + int64_t(row) * row_stride + c * kChunk,
+                                  stage + r * kStageStride, kChunk * int(sizeof(float)));
+            }
+            bulk_commit();
+          }
+          buf = buf + 1 == kDqBufs ? 0 : buf + 1;
+          continue;
+        }
+      }
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(acc); i += 2) {
         int const row = m * kBlockM + get<0>(cdQ(i));
@@ -349,6 +418,7 @@ struct BwdKernel {
     float4* p_share = reinterpret_cast<float4*>(ss.p.data());
     clear(accdV);
     int const j0 = n_block * kBlockN;
+    int dq_buf = 0;
     bool const softcap = p.softcap > 0.f;
 
     if (m_lo <= m_hi) {
@@ -401,11 +471,13 @@ struct BwdKernel {
           wg_gemm<false, 0, true>(mma_dv, tdVrP, tdVrdO(_, _, _, st.index), accdV);
           named_sync(kBarDsReady, kConsumerThreads);
           Barrier::arrive(&ss.q_empty[st.index]);
-          dq_update(p, ss, seq, band, b, h, m, n_block, 0, tid);
+          dq_update(p, ss, seq, band, b, h, m, n_block, 0, tid, dq_buf);
           st.advance();
         }
       }
     }
+    // The CTA's shared memory must outlive the bulk reduces still reading it.
+    if (p.bulk_dq) bulk_wait_all();
     Tensor cdV = thr_dv.partition_C(make_identity_tensor(Shape<_64, Int<kDv>>{}));
     Element* base = p.dv + int64_t(seq.tma_batch) * p.dv_batch_stride +
                     int64_t(seq.start_k) * p.dv_seq_stride + int64_t(hk) * p.dv_head_stride;
@@ -443,6 +515,7 @@ struct BwdKernel {
     float4 const* p_share = reinterpret_cast<float4 const*>(ss.p.data());
     clear(accdK);
     int const j0 = n_block * kBlockN;
+    int dq_buf = 0;
 
     if (m_lo <= m_hi) {
       Barrier::wait(&ss.kv_full, 0);
@@ -481,11 +554,12 @@ struct BwdKernel {
           Tensor tdKrdS = make_tensor(rdS.data(), acc_as_A(rdS.layout()));
           wg_gemm<false, 0, true>(mma_dk, tdKrdS, tdKrQ(_, _, _, st.index), accdK);
           Barrier::arrive(&ss.q_empty[st.index]);
-          dq_update(p, ss, seq, band, b, h, m, n_block, 1, tid);
+          dq_update(p, ss, seq, band, b, h, m, n_block, 1, tid, dq_buf);
           st.advance();
         }
       }
     }
+    if (p.bulk_dq) bulk_wait_all();
     Tensor cdK = thr_dk.partition_C(make_identity_tensor(Shape<_64, Int<kDqk>>{}));
     Element* base = p.dk + int64_t(seq.tma_batch) * p.dk_batch_stride +
                     int64_t(seq.start_k) * p.dk_seq_stride + int64_t(hk) * p.dk_head_stride;

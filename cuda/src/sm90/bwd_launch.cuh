@@ -40,6 +40,9 @@ cudaError_t launch_bwd(BwdArgs const& a, cudaStream_t stream) {
       (s.softcap > 0.f ? 1.f : s.scale) * kLog2e,
       s.softcap,
       s.softcap > 0.f ? s.scale / s.softcap : 0.f,
+      // The deterministic order releases a semaphore after its REDs land; v3 keeps to v2 there.
+      a.bwd_version >= 3 && !s.deterministic && K::kDqBufs > 0,
+      a.bwd_version == kBwdTimingNoDqAdd,
   };
   auto kernel = bwd_kernel<K>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

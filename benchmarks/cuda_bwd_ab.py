@@ -1,0 +1,104 @@
+"""A/B timing of the cuda backend's backward variants (LONGFLASH_CUDA_BWD) in one process, next
+to SDPA flash and cuDNN, at hd128 bf16 N=16K H=16 (causal and not).
+
+The variant is read by the library on every call, so one process times them all on the same
+inputs. `timing-no-dq-add` drops the dQ reductions (its dQ is wrong): it only measures what the
+reductions cost. Each variant's dQ/dK/dV are compared with v2's (the validated path).
+
+    LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so \
+    PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src \
+        python benchmarks/cuda_bwd_ab.py --out ab.json [--variants v2,v3,timing-no-dq-add]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from longflash.frontends import torch as lft
+from longflash_cuda import _torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cuda_check import bench, rel  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="cuda_bwd_ab.json")
+    ap.add_argument("--variants", default="v2,v3,timing-no-dq-add")
+    ap.add_argument("--seqlen", type=int, default=16384)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=128)
+    args = ap.parse_args()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n, h, d = args.seqlen, args.heads, args.dim
+    torch.manual_seed(0)
+    q = torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn_like(q)
+    v = torch.randn_like(q)
+    qt, kt, vt = (x.transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name()}
+    rows = []
+    for causal in (False, True):
+        flops = 2.5 * 4 * n * n * h * d * (0.5 if causal else 1.0)
+        call = lft.make_call(q, k, v, causal=causal)
+        out, lse = _torch.forward(call, q, k, v)
+        dout = torch.randn_like(out)
+        row = {"causal": causal, "N": n, "H": h, "D": d}
+        ref = None
+        for var in args.variants.split(","):
+            os.environ["LONGFLASH_CUDA_BWD"] = var
+            grads = _torch.backward(call, dout, q, k, v, out, lse)
+            torch.cuda.synchronize()
+            if ref is None:
+                ref = [g.clone() for g in grads]
+            else:
+                for name, g, r in zip(("dq", "dk", "dv"), grads, ref):
+                    row[f"{var}_{name}_rel_vs_{args.variants.split(',')[0]}"] = rel(g, r)
+            t = bench(partial(_torch.backward, call, dout, q, k, v, out, lse))
+            row[f"{var}_bwd_ms"] = t
+            row[f"{var}_bwd_tflops"] = flops / t / 1e9
+            print(
+                var,
+                "causal" if causal else "dense",
+                f"{t:.2f} ms {flops / t / 1e9:.0f} TFLOP/s",
+                flush=True,
+            )
+        os.environ.pop("LONGFLASH_CUDA_BWD", None)
+        for name, be in (
+            ("flash", SDPBackend.FLASH_ATTENTION),
+            ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ):
+            try:
+                with sdpa_kernel(be):
+                    o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                    g = torch.randn_like(o)
+                    t = bench(partial(torch.autograd.grad, o, (qt, kt, vt), g, retain_graph=True))
+                    row[f"{name}_bwd_ms"] = t
+                    row[f"{name}_bwd_tflops"] = flops / t / 1e9
+                    print(
+                        name,
+                        "causal" if causal else "dense",
+                        f"{flops / t / 1e9:.0f} TFLOP/s",
+                        flush=True,
+                    )
+            except Exception as exc:  # a peer missing on this machine is reported, not fatal
+                row[f"{name}_error"] = repr(exc)
+        rows.append(row)
+        report["timings"] = rows
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    print(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
