@@ -12,6 +12,9 @@ import subprocess
 
 import nox
 
+# NumPy's BLAS threads compete with torch's on small CPUs (measured: ~60% more CPU time).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
@@ -65,7 +68,8 @@ def tests_pallas(session: nox.Session) -> None:
 def tests_cuda(session: nox.Session) -> None:
     """CUDA backend: build it (a reduced set of instantiations without a GPU), then test."""
     _install(session, extras="torch,jax,test")
-    build_args = [] if _gpu() else ["-C", "cmake.define.LONGFLASH_CI_SUBSET=ON"]
+    # Without a GPU, compile one head dim (both dtypes) so the build fits CI's budget.
+    build_args = [] if _gpu() else ["-C", "cmake.define.LONGFLASH_HEAD_DIMS=128"]
     session.install(*PIN, "-v", *build_args, f"./{CUDA}")
     session.run("pytest", "-q", f"{CUDA}/tests", *session.posargs)
 
