@@ -56,8 +56,10 @@ def main() -> None:
     q = torch.randn(shape_q, generator=gen).to(dtype)
     k = torch.randn(shape_k, generator=gen).to(dtype)
     v = torch.randn(shape_k, generator=gen).to(dtype)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"q {tuple(q.shape)} k/v {tuple(k.shape)} {args.dtype} causal={args.causal}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"q {tuple(q.shape)} k/v {tuple(k.shape)} {args.dtype} causal={args.causal}"
+    )
     print(f"peak RSS after creating inputs: {_peak_rss_gib():.2f} GiB")
 
     with reference.force_path("blockwise"):
@@ -69,8 +71,7 @@ def main() -> None:
             out = longflash.attention(q, k, v, causal=args.causal, backend="reference")
         t_fwd, c_fwd = time.perf_counter() - t0, _cpu_s() - c0
         assert torch.isfinite(out).all()
-        print(f"forward: {t_fwd:.1f} s wall, {c_fwd:.1f} s CPU, "
-              f"peak RSS {_peak_rss_gib():.2f} GiB")
+        print(f"forward: {t_fwd:.1f} s wall, {c_fwd:.1f} s CPU, peak RSS {_peak_rss_gib():.2f} GiB")
         del out
         if args.backward:
             for x in (q, k, v):
@@ -81,8 +82,10 @@ def main() -> None:
             out.backward(dout)
             t_fb, c_fb = time.perf_counter() - t0, _cpu_s() - c0
             assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
-            print(f"forward+backward: {t_fb:.1f} s wall, {c_fb:.1f} s CPU, "
-                  f"peak RSS {_peak_rss_gib():.2f} GiB")
+            print(
+                f"forward+backward: {t_fb:.1f} s wall, {c_fb:.1f} s CPU, "
+                f"peak RSS {_peak_rss_gib():.2f} GiB"
+            )
 
 
 if __name__ == "__main__":

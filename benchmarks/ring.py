@@ -44,12 +44,18 @@ GIB = 2**30
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("--framework", choices=["torch", "jax"], default="torch")
-    ap.add_argument("--device", choices=["cuda", "cpu"], default=None,
-                    help="default: cuda when a GPU is visible")
+    ap.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default=None,
+        help="default: cuda when a GPU is visible",
+    )
     ap.add_argument("--seqlen", type=int, default=1 << 20, help="global sequence length")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--heads", type=int, default=8)
@@ -61,18 +67,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--worlds", default="2,4,8", help="P values of the one-device simulation")
     ap.add_argument("--layouts", default="zigzag,contiguous")
     ap.add_argument("--reps", type=int, default=3, help="timed runs per figure (median)")
-    ap.add_argument("--sim-reps", type=int, default=1,
-                    help="timed passes per rank in the simulation (median per step)")
+    ap.add_argument(
+        "--sim-reps",
+        type=int,
+        default=1,
+        help="timed passes per rank in the simulation (median per step)",
+    )
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-t1", dest="t1", action="store_false", help="skip the baseline")
-    ap.add_argument("--t1-from", type=Path, default=None,
-                    help="take T1 from an earlier result JSON instead of measuring it")
+    ap.add_argument(
+        "--t1-from",
+        type=Path,
+        default=None,
+        help="take T1 from an earlier result JSON instead of measuring it",
+    )
     ap.add_argument("--no-sim", dest="sim", action="store_false", help="skip the simulation")
-    ap.add_argument("--allow-reference", action="store_true",
-                    help="let 'auto' fall back to the reference backend on a GPU at >= 256K "
-                         "tokens (hours at 1M)")
-    ap.add_argument("--jax-distributed", action="store_true",
-                    help="call jax.distributed.initialize() first (multi-host JAX)")
+    ap.add_argument(
+        "--allow-reference",
+        action="store_true",
+        help="let 'auto' fall back to the reference backend on a GPU at >= 256K "
+        "tokens (hours at 1M)",
+    )
+    ap.add_argument(
+        "--jax-distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (multi-host JAX)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--no-plot", dest="plot", action="store_false")
     args = ap.parse_args(argv)
@@ -85,8 +105,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _flops(args: argparse.Namespace, backward: bool) -> float:
     from longflash.bench.cases import attention_flops
 
-    return attention_flops(args.batch, args.heads, args.seqlen, args.seqlen, args.dim,
-                           causal=args.causal, direction="bwd" if backward else "fwd")
+    return attention_flops(
+        args.batch,
+        args.heads,
+        args.seqlen,
+        args.seqlen,
+        args.dim,
+        causal=args.causal,
+        direction="bwd" if backward else "fwd",
+    )
 
 
 def _median(xs: list[float]) -> float:
@@ -98,15 +125,26 @@ def _median(xs: list[float]) -> float:
 def _document(args: argparse.Namespace, mode: str, device: dict[str, Any]) -> dict[str, Any]:
     from longflash.bench.report import cpu_name, device_slug, gpu_driver, versions
 
-    machine = {"hostname": socket.gethostname(), "platform": platform.platform(),
-               "cpu": cpu_name(), "cpu_count": os.cpu_count(), "gpu": device.get("gpu")}
+    machine = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "gpu": device.get("gpu"),
+    }
     if machine["gpu"]:
         machine["gpu"]["driver"] = gpu_driver()
     machine["slug"] = device_slug(machine)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    return {"benchmark": "ring", "mode": mode,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine, "versions": versions(), "config": config, **device}
+    return {
+        "benchmark": "ring",
+        "mode": mode,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "versions": versions(),
+        "config": config,
+        **device,
+    }
 
 
 def _write(doc: dict[str, Any], out_dir: Path, plot) -> None:
@@ -127,8 +165,12 @@ def _write(doc: dict[str, Any], out_dir: Path, plot) -> None:
 def _progress():
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(),
-                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
 
 
 # -- torch ------------------------------------------------------------------------------
@@ -181,8 +223,12 @@ def _torch_inputs(args, device, n: int, seed: int, grad: bool = False):
         x = torch.randn(args.batch, n, h, d, generator=g, device=device, dtype=dtype)
         return x.requires_grad_(grad)
 
-    return (randn(args.heads, args.dim), randn(hk, args.dim), randn(hk, args.dim),
-            randn(args.heads, args.dim).detach())
+    return (
+        randn(args.heads, args.dim),
+        randn(hk, args.dim),
+        randn(hk, args.dim),
+        randn(args.heads, args.dim).detach(),
+    )
 
 
 def _resolve_backend(args, q, k, v) -> str:
@@ -192,12 +238,17 @@ def _resolve_backend(args, q, k, v) -> str:
 
     call = make_call(q, k, v, causal=args.causal)
     name = REGISTRY.select(call, args.backend).name
-    if (name == "reference" and call.device == "cuda" and args.seqlen >= 1 << 18
-            and not args.allow_reference):
+    if (
+        name == "reference"
+        and call.device == "cuda"
+        and args.seqlen >= 1 << 18
+        and not args.allow_reference
+    ):
         raise SystemExit(
             f"backend {args.backend!r} resolves to 'reference' on the GPU, far too slow at "
             f"{args.seqlen} tokens; install the cuda or triton backend, pass --backend, or "
-            "--allow-reference. Backends:\n" + REGISTRY.explain(call))
+            "--allow-reference. Backends:\n" + REGISTRY.explain(call)
+        )
     return name
 
 
@@ -241,13 +292,22 @@ def torch_t1(args, device, clock: Clock) -> dict[str, Any]:
         del out
         q.grad = k.grad = v.grad = None
     f, b = _median(fwd), _median(bwd)
-    res = {"seqlen": args.seqlen, "fwd_ms": f, "bwd_ms": b, "fwd_bwd_ms": f + b,
-           "fwd_tflops": _flops(args, False) / f / 1e9,
-           "bwd_tflops": _flops(args, True) / b / 1e9,
-           "fwd_ms_all": fwd, "bwd_ms_all": bwd, "peak_mem_gib": _peak(device)}
+    res = {
+        "seqlen": args.seqlen,
+        "fwd_ms": f,
+        "bwd_ms": b,
+        "fwd_bwd_ms": f + b,
+        "fwd_tflops": _flops(args, False) / f / 1e9,
+        "bwd_tflops": _flops(args, True) / b / 1e9,
+        "fwd_ms_all": fwd,
+        "bwd_ms_all": bwd,
+        "peak_mem_gib": _peak(device),
+    }
     peak = "n/a" if res["peak_mem_gib"] is None else f"{res['peak_mem_gib']:.1f} GiB"
-    print(f"T1  N={args.seqlen}: fwd {f:.1f} ms ({res['fwd_tflops']:.3g} TFLOP/s), "
-          f"bwd {b:.1f} ms ({res['bwd_tflops']:.3g} TFLOP/s), peak {peak}")
+    print(
+        f"T1  N={args.seqlen}: fwd {f:.1f} ms ({res['fwd_tflops']:.3g} TFLOP/s), "
+        f"bwd {b:.1f} ms ({res['bwd_tflops']:.3g} TFLOP/s), peak {peak}"
+    )
     return res
 
 
@@ -307,26 +367,39 @@ def torch_simulation(args, device, clock: Clock, backend: str, t1: dict | None) 
             _reset_peak(device)
             runs = []
             for cfg in cfgs:
-                runs.append([_rank_pass(q, k, v, dout, cfg, clock)
-                             for _ in range(args.sim_reps)])
+                runs.append([_rank_pass(q, k, v, dout, cfg, clock) for _ in range(args.sim_reps)])
                 bar.advance(task)
             ranks = []
             for r, reps in enumerate(runs):
                 fwd = [_median([rep[0][s] for rep in reps]) for s in range(p)]
                 bwd = [_median([rep[1][s] for rep in reps]) for s in range(p)]
-                ranks.append({"rank": r, "fwd_ms": sum(fwd), "bwd_ms": sum(bwd),
-                              "total_ms": sum(fwd) + sum(bwd), "steps_fwd_ms": fwd,
-                              "steps_bwd_ms": bwd})
+                ranks.append(
+                    {
+                        "rank": r,
+                        "fwd_ms": sum(fwd),
+                        "bwd_ms": sum(bwd),
+                        "total_ms": sum(fwd) + sum(bwd),
+                        "steps_fwd_ms": fwd,
+                        "steps_bwd_ms": bwd,
+                    }
+                )
             totals = [x["total_ms"] for x in ranks]
-            lockstep = sum(max(x["steps_fwd_ms"][s] + x["steps_bwd_ms"][s] for x in ranks)
-                           for s in range(p))
-            entry = {"world": p, "layout": layout, "local_seqlen": n, "ranks": ranks,
-                     "pairs_per_rank": work_per_rank(p, layout, args.causal, n),
-                     "max_over_mean": max(totals) / statistics.fmean(totals),
-                     # one rank's peak (all ranks ran here in turn): inputs, ring buffers,
-                     # accumulators, saved lse; the transfers' buffers are allocated too
-                     "peak_mem_gib": _peak(device),
-                     "slowest_rank_ms": max(totals), "lockstep_ms": lockstep}
+            lockstep = sum(
+                max(x["steps_fwd_ms"][s] + x["steps_bwd_ms"][s] for x in ranks) for s in range(p)
+            )
+            entry = {
+                "world": p,
+                "layout": layout,
+                "local_seqlen": n,
+                "ranks": ranks,
+                "pairs_per_rank": work_per_rank(p, layout, args.causal, n),
+                "max_over_mean": max(totals) / statistics.fmean(totals),
+                # one rank's peak (all ranks ran here in turn): inputs, ring buffers,
+                # accumulators, saved lse; the transfers' buffers are allocated too
+                "peak_mem_gib": _peak(device),
+                "slowest_rank_ms": max(totals),
+                "lockstep_ms": lockstep,
+            }
             if t1 is not None:
                 entry["efficiency_lockstep"] = t1["fwd_bwd_ms"] / (p * lockstep)
                 entry["efficiency_slowest"] = t1["fwd_bwd_ms"] / (p * max(totals))
@@ -336,7 +409,8 @@ def torch_simulation(args, device, clock: Clock, backend: str, t1: dict | None) 
                 f"[{', '.join(f'{t:.0f}' for t in totals)}]  max/mean "
                 f"{entry['max_over_mean']:.2f}  lock-step {lockstep:.0f} ms"
                 + (f"  T1/(P*lock-step) {entry['efficiency_lockstep']:.2f}" if t1 else ""),
-                soft_wrap=True)
+                soft_wrap=True,
+            )
             del q, k, v, dout
     return out
 
@@ -364,11 +438,14 @@ def torch_multi(args, device, clock: Clock) -> dict[str, Any]:
         if fn == "ring":
 
             def run(layout=layout):
-                return lfd.ring_attention(q, k, v, causal=args.causal, layout=layout,
-                                          backend=backend)
+                return lfd.ring_attention(
+                    q, k, v, causal=args.causal, layout=layout, backend=backend
+                )
         else:
+
             def run():
                 return lfd.ulysses_attention(q, k, v, causal=args.causal, backend=backend)
+
         fwd, bwd = [], []
         _reset_peak(device)
         for i in range(args.warmup + args.reps):
@@ -383,19 +460,27 @@ def torch_multi(args, device, clock: Clock) -> dict[str, Any]:
             if i >= args.warmup:
                 fwd.append(clock.ms(a, b))
                 bwd.append(clock.ms(b, c))
-        entry = {"fn": fn, "layout": layout, "fwd_ms": _median(fwd), "bwd_ms": _median(bwd),
-                 "peak_mem_gib": _peak(device)}
+        entry = {
+            "fn": fn,
+            "layout": layout,
+            "fwd_ms": _median(fwd),
+            "bwd_ms": _median(bwd),
+            "peak_mem_gib": _peak(device),
+        }
         if fn == "ring":
             cfg = RingConfig(make_call(q, k, v), backend, rank, world, layout, args.causal)
             with torch.no_grad():
-                comp = [_rank_pass(q.detach(), k.detach(), v.detach(), dout, cfg, clock)
-                        for _ in range(args.warmup + args.reps)][args.warmup:]
+                comp = [
+                    _rank_pass(q.detach(), k.detach(), v.detach(), dout, cfg, clock)
+                    for _ in range(args.warmup + args.reps)
+                ][args.warmup :]
             entry["compute_fwd_ms"] = _median([sum(c[0]) for c in comp])
             entry["compute_bwd_ms"] = _median([sum(c[1]) for c in comp])
             entry["exposed_comm_fwd_ms"] = entry["fwd_ms"] - entry["compute_fwd_ms"]
             entry["exposed_comm_bwd_ms"] = entry["bwd_ms"] - entry["compute_bwd_ms"]
             entry["comm_only_fwd_ms"], entry["comm_only_bwd_ms"] = _comm_only(
-                args, P2PRing(dist.group.WORLD), k.detach(), v.detach(), clock)
+                args, P2PRing(dist.group.WORLD), k.detach(), v.detach(), clock
+            )
         results.append(entry)
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, {"rank": rank, "results": results})
@@ -411,8 +496,10 @@ def _comm_only(args, ring, k, v, clock: Clock) -> tuple[float, float]:
     p = ring.world_size
     fwd, bwd = [], []
     for i in range(args.warmup + args.reps):
-        acc = [torch.zeros(k.shape, dtype=torch.float32, device=k.device),
-               torch.zeros(v.shape, dtype=torch.float32, device=v.device)]
+        acc = [
+            torch.zeros(k.shape, dtype=torch.float32, device=k.device),
+            torch.zeros(v.shape, dtype=torch.float32, device=v.device),
+        ]
         dist.barrier()
         a = clock.stamp()
         cur, spare = [k, v], [torch.empty_like(k), torch.empty_like(v)]
@@ -423,8 +510,7 @@ def _comm_only(args, ring, k, v, clock: Clock) -> tuple[float, float]:
         b = clock.stamp()
         cur, dkv = [k, v], None
         for s in range(p):
-            kv = ring.shift(cur, [torch.empty_like(k), torch.empty_like(v)]) if s + 1 < p \
-                else None
+            kv = ring.shift(cur, [torch.empty_like(k), torch.empty_like(v)]) if s + 1 < p else None
             if dkv is not None:
                 acc = dkv.wait()
             dkv = ring.shift(acc, [torch.empty_like(t) for t in acc], tag=2)
@@ -449,8 +535,13 @@ def torch_main(args) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         device = torch.device("cuda", torch.cuda.current_device())
         props = torch.cuda.get_device_properties(device)
-        info = {"gpu": {"name": props.name, "memory_gib": props.total_memory / GIB,
-                        "count": torch.cuda.device_count()}}
+        info = {
+            "gpu": {
+                "name": props.name,
+                "memory_gib": props.total_memory / GIB,
+                "count": torch.cuda.device_count(),
+            }
+        }
     else:
         device = torch.device("cpu")
         info = {"gpu": None}
@@ -474,16 +565,21 @@ def torch_main(args) -> None:
     # Resolved once on the full call's shapes (uninitialised: only shapes are read).
     hk = args.kv_heads or args.heads
     dtype = getattr(torch, args.dtype)
-    q, k = (torch.empty(args.batch, args.seqlen, h, args.dim, dtype=dtype, device=device)
-            for h in (args.heads, hk))
+    q, k = (
+        torch.empty(args.batch, args.seqlen, h, args.dim, dtype=dtype, device=device)
+        for h in (args.heads, hk)
+    )
     doc["backend"] = _resolve_backend(args, q, k, k)
     del q, k
-    print(f"torch {torch.__version__}, device {device}, backend {doc['backend']}, "
-          f"N={args.seqlen} B={args.batch} H={args.heads} D={args.dim} {args.dtype} "
-          f"causal={args.causal}")
+    print(
+        f"torch {torch.__version__}, device {device}, backend {doc['backend']}, "
+        f"N={args.seqlen} B={args.batch} H={args.heads} D={args.dim} {args.dtype} "
+        f"causal={args.causal}"
+    )
     doc["t1"] = torch_t1(args, device, clock) if args.t1 else None
-    doc["simulation"] = (torch_simulation(args, device, clock, doc["backend"], doc["t1"])
-                         if args.sim else [])
+    doc["simulation"] = (
+        torch_simulation(args, device, clock, doc["backend"], doc["t1"]) if args.sim else []
+    )
     _write(doc, args.out, plot_single)
 
 
@@ -496,8 +592,7 @@ def _summarise_multi(doc: dict[str, Any]) -> None:
         total = max(e["fwd_ms"] + e["bwd_ms"] for e in per_rank)
         line = f"  {entry['fn']:8s}{entry['layout']:11s} slowest rank fwd+bwd {total:.1f} ms"
         if "compute_fwd_ms" in entry:
-            exposed = max(e["exposed_comm_fwd_ms"] + e["exposed_comm_bwd_ms"]
-                          for e in per_rank)
+            exposed = max(e["exposed_comm_fwd_ms"] + e["exposed_comm_bwd_ms"] for e in per_rank)
             line += f", exposed comm (max over ranks) {exposed:.1f} ms"
         if t1:
             line += f", T1/(P*T_P) {t1['fwd_bwd_ms'] / (ring['world'] * total):.2f}"
@@ -523,8 +618,9 @@ def jax_main(args) -> None:
     p = len(devices)
     mesh = jax.make_mesh((p,), ("sp",), devices=devices)
     base = GPU_POLICY if platform_ in ("cuda", "gpu") else CPU_POLICY
-    policy = TimingPolicy(base.warmup_ms, base.rep_ms, min(args.reps, base.min_reps),
-                          base.max_reps, reps=args.reps)
+    policy = TimingPolicy(
+        base.warmup_ms, base.rep_ms, min(args.reps, base.min_reps), base.max_reps, reps=args.reps
+    )
     gpu = {"name": devices[0].device_kind, "count": p} if platform_ in ("cuda", "gpu") else None
     doc = _document(args, "jax", {"gpu": gpu, "devices": p})
     dtype = jnp.dtype(args.dtype)
@@ -532,9 +628,10 @@ def jax_main(args) -> None:
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
     shapes = [(args.heads, args.dim), (hk, args.dim), (hk, args.dim), (args.heads, args.dim)]
     seq = NamedSharding(mesh, Spec(None, "sp"))
-    q, k, v, dout = (jax.device_put(jax.random.normal(key, (args.batch, args.seqlen, *s),
-                                                      dtype), seq)
-                     for key, s in zip(keys, shapes))
+    q, k, v, dout = (
+        jax.device_put(jax.random.normal(key, (args.batch, args.seqlen, *s), dtype), seq)
+        for key, s in zip(keys, shapes)
+    )
 
     def timed(fn):
         fwd = jax.jit(fn)
@@ -548,17 +645,24 @@ def jax_main(args) -> None:
     if args.heads % p == 0 and hk % p == 0:
         variants.append(("ulysses", "contiguous"))
     for fn, layout in variants:
+
         def body(q, k, v, fn=fn, layout=layout):
             if fn == "ring":
-                return lfd.ring_attention(q, k, v, axis_name="sp", causal=args.causal,
-                                          layout=layout, backend=args.backend)
-            return lfd.ulysses_attention(q, k, v, axis_name="sp", causal=args.causal,
-                                         backend=args.backend)
-        sharded = jax.shard_map(body, mesh=mesh, in_specs=(Spec(None, "sp"),) * 3,
-                                out_specs=Spec(None, "sp"))
+                return lfd.ring_attention(
+                    q, k, v, axis_name="sp", causal=args.causal, layout=layout, backend=args.backend
+                )
+            return lfd.ulysses_attention(
+                q, k, v, axis_name="sp", causal=args.causal, backend=args.backend
+            )
+
+        sharded = jax.shard_map(
+            body, mesh=mesh, in_specs=(Spec(None, "sp"),) * 3, out_specs=Spec(None, "sp")
+        )
         results.append({"fn": fn, "layout": layout, **timed(sharded)})
-        print(f"{fn:8s}{layout:11s} P={p}: fwd {results[-1]['fwd_ms']:.1f} ms, fwd+bwd "
-              f"{results[-1]['fwd_bwd_ms']:.1f} ms")
+        print(
+            f"{fn:8s}{layout:11s} P={p}: fwd {results[-1]['fwd_ms']:.1f} ms, fwd+bwd "
+            f"{results[-1]['fwd_bwd_ms']:.1f} ms"
+        )
     doc["ring"] = {"world": p, "results": results}
     if args.t1:
         one = jax.devices()[0]
@@ -591,8 +695,10 @@ def _plt():
 def _title(doc: dict[str, Any]) -> str:
     c = doc["config"]
     gpu = (doc["machine"].get("gpu") or {}).get("name") or doc["machine"]["cpu"]
-    return (f"N={c['seqlen']:,} B={c['batch']} H={c['heads']} D={c['dim']} {c['dtype']} "
-            f"{'causal' if c['causal'] else 'full'} - {gpu}")
+    return (
+        f"N={c['seqlen']:,} B={c['batch']} H={c['heads']} D={c['dim']} {c['dtype']} "
+        f"{'causal' if c['causal'] else 'full'} - {gpu}"
+    )
 
 
 def plot_single(doc: dict[str, Any], path: Path) -> Path:
@@ -602,8 +708,9 @@ def plot_single(doc: dict[str, Any], path: Path) -> Path:
     sims = doc["simulation"]
     worlds = sorted({s["world"] for s in sims})
     layouts = list(dict.fromkeys(s["layout"] for s in sims))
-    fig, axes = plt.subplots(1, max(1, len(worlds)), figsize=(4.5 * max(1, len(worlds)), 4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(worlds)), figsize=(4.5 * max(1, len(worlds)), 4), squeeze=False
+    )
     t1 = doc.get("t1")
     for ax, p in zip(axes[0], worlds):
         width = 0.8 / len(layouts)
@@ -612,15 +719,25 @@ def plot_single(doc: dict[str, Any], path: Path) -> Path:
             totals = [r["total_ms"] for r in s["ranks"]]
             ideal = t1["fwd_bwd_ms"] / p if t1 else statistics.fmean(totals)
             xs = [r + (i - (len(layouts) - 1) / 2) * width for r in range(p)]
-            ax.bar(xs, [t / ideal for t in totals], width,
-                   label=f"{layout} (max/mean {s['max_over_mean']:.2f})")
+            ax.bar(
+                xs,
+                [t / ideal for t in totals],
+                width,
+                label=f"{layout} (max/mean {s['max_over_mean']:.2f})",
+            )
             # The schedule's share of the visible pairs, scaled like the bars: where the
             # bars would stand if time followed the work exactly.
             pairs = s["pairs_per_rank"]
-            share = [w / statistics.fmean(pairs) * statistics.fmean(totals) / ideal
-                     for w in pairs]
-            ax.scatter(xs, share, marker="_", s=200, color="k",
-                       label="planned work" if i == 0 else None, zorder=3)
+            share = [w / statistics.fmean(pairs) * statistics.fmean(totals) / ideal for w in pairs]
+            ax.scatter(
+                xs,
+                share,
+                marker="_",
+                s=200,
+                color="k",
+                label="planned work" if i == 0 else None,
+                zorder=3,
+            )
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_title(f"P = {p}")
         ax.set_xlabel("rank")
@@ -644,14 +761,25 @@ def plot_multi(doc: dict[str, Any], path: Path) -> Path:
     for i, (ax, name) in enumerate(zip(axes[0], names)):
         per_rank = [r["results"][i] for r in ring["ranks"]]
         xs = range(len(per_rank))
-        ax.bar([x - 0.27 for x in xs], [e["fwd_ms"] + e["bwd_ms"] for e in per_rank], 0.27,
-               label="ring")
+        ax.bar(
+            [x - 0.27 for x in xs],
+            [e["fwd_ms"] + e["bwd_ms"] for e in per_rank],
+            0.27,
+            label="ring",
+        )
         if "compute_fwd_ms" in per_rank[0]:
-            ax.bar(list(xs), [e["compute_fwd_ms"] + e["compute_bwd_ms"] for e in per_rank],
-                   0.27, label="compute only")
-            ax.bar([x + 0.27 for x in xs],
-                   [e["comm_only_fwd_ms"] + e["comm_only_bwd_ms"] for e in per_rank], 0.27,
-                   label="transfers only")
+            ax.bar(
+                list(xs),
+                [e["compute_fwd_ms"] + e["compute_bwd_ms"] for e in per_rank],
+                0.27,
+                label="compute only",
+            )
+            ax.bar(
+                [x + 0.27 for x in xs],
+                [e["comm_only_fwd_ms"] + e["comm_only_bwd_ms"] for e in per_rank],
+                0.27,
+                label="transfers only",
+            )
         ax.set_title(name)
         ax.set_xlabel("rank")
         ax.set_xticks(list(xs))

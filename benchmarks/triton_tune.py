@@ -76,9 +76,21 @@ def make_call(p: Problem, device: str):
     from longflash.call import AttentionCall, normalize_window
 
     return AttentionCall(
-        framework="torch", device=device, dtype=p.dtype, B=p.B, Nq=p.N, Nk=p.nk, Hq=p.H,
-        Hk=p.hk, Dqk=p.D, Dv=p.D, causal=p.causal, scale=1.0 / math.sqrt(p.D),
-        window=normalize_window(p.causal, p.window), softcap=p.softcap)
+        framework="torch",
+        device=device,
+        dtype=p.dtype,
+        B=p.B,
+        Nq=p.N,
+        Nk=p.nk,
+        Hq=p.H,
+        Hk=p.hk,
+        Dqk=p.D,
+        Dv=p.D,
+        causal=p.causal,
+        scale=1.0 / math.sqrt(p.D),
+        window=normalize_window(p.causal, p.window),
+        softcap=p.softcap,
+    )
 
 
 def make_inputs(p: Problem, device: str, grad: bool = False):
@@ -105,19 +117,25 @@ def candidates(kernel: str, d: int, causal: bool) -> list[Any]:
     from longflash_triton.configs import TileConfig as T
 
     if kernel == "fwd":
-        tiles = {64: [(128, 128, 8), (128, 64, 4), (128, 128, 4), (64, 128, 4)],
-                 128: [(128, 128, 8), (128, 64, 8), (64, 128, 4), (128, 128, 4)],
-                 256: [(128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 128, 8)]}[_hb(d)]
+        tiles = {
+            64: [(128, 128, 8), (128, 64, 4), (128, 128, 4), (64, 128, 4)],
+            128: [(128, 128, 8), (128, 64, 8), (64, 128, 4), (128, 128, 4)],
+            256: [(128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 128, 8)],
+        }[_hb(d)]
         stages = (2, 3) if d <= 128 else (1, 2)
     elif kernel == "dkdv":  # BM = query rows streamed, BN = key rows resident
-        tiles = {64: [(64, 128, 8), (32, 128, 8), (64, 64, 4), (32, 64, 4)],
-                 128: [(64, 64, 8), (32, 64, 8), (16, 64, 4), (32, 64, 4)],
-                 256: [(32, 64, 8), (16, 64, 8), (64, 64, 8), (32, 32, 4)]}[_hb(d)]
+        tiles = {
+            64: [(64, 128, 8), (32, 128, 8), (64, 64, 4), (32, 64, 4)],
+            128: [(64, 64, 8), (32, 64, 8), (16, 64, 4), (32, 64, 4)],
+            256: [(32, 64, 8), (16, 64, 8), (64, 64, 8), (32, 32, 4)],
+        }[_hb(d)]
         stages = (2, 3) if d <= 128 else (1, 2)
     else:  # dq: BM = query rows resident, BN = key rows streamed
-        tiles = {64: [(128, 64, 8), (128, 128, 8), (64, 64, 4), (128, 32, 4)],
-                 128: [(128, 64, 8), (64, 64, 4), (64, 32, 4), (128, 32, 8)],
-                 256: [(64, 64, 8), (64, 32, 8), (128, 32, 8), (32, 32, 4)]}[_hb(d)]
+        tiles = {
+            64: [(128, 64, 8), (128, 128, 8), (64, 64, 4), (128, 32, 4)],
+            128: [(128, 64, 8), (64, 64, 4), (64, 32, 4), (128, 32, 8)],
+            256: [(64, 64, 8), (64, 32, 8), (128, 32, 8), (32, 32, 4)],
+        }[_hb(d)]
         stages = (2, 3) if d <= 128 else (1, 2)
     # both pipeline depths on the two likeliest tiles, the deeper one elsewhere; and the
     # pointer path (cp.async pipelining) on the two likeliest tiles, against TMA
@@ -154,8 +172,13 @@ def _sig_of(value: Any) -> str:
     import torch
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-             torch.int32: "i32", torch.int64: "i64"}
+    names = {
+        torch.bfloat16: "bf16",
+        torch.float16: "fp16",
+        torch.float32: "fp32",
+        torch.int32: "i32",
+        torch.int64: "i64",
+    }
     if isinstance(value, torch.Tensor):
         return "*" + names[value.dtype]
     if isinstance(value, TensorDescriptor):
@@ -180,6 +203,7 @@ class _Recorder:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.log.append((self.fn, grid, args, kwargs))
+
         return launch
 
 
@@ -205,14 +229,19 @@ def compile_offline(jobs, arch: int = 90) -> list[dict]:
                 consts[n] = val
                 continue
             sig[n] = _sig_of(val)
-            int16 = (isinstance(val, int) and not isinstance(val, bool) and val % 16 == 0
-                     and i not in fn.do_not_specialize)
+            int16 = (
+                isinstance(val, int)
+                and not isinstance(val, bool)
+                and val % 16 == 0
+                and i not in fn.do_not_specialize
+            )
             if isinstance(val, torch.Tensor) or int16:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         t0 = time.time()
         try:
-            k = triton.compile(ASTSource(fn, sig, consts, attrs),
-                               target=GPUTarget("cuda", arch, 32), options=opts)
+            k = triton.compile(
+                ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=opts
+            )
         except Exception as exc:  # report and go on: one broken variant must not hide others
             rows.append({"name": name, "error": f"{type(exc).__name__}: {str(exc)[:400]}"})
             print(f"{name:58s} FAILED {rows[-1]['error'][:200]}", flush=True)
@@ -220,25 +249,34 @@ def compile_offline(jobs, arch: int = 90) -> list[dict]:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"])
             f.flush()
-            usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
-                                   capture_output=True, text=True).stdout
+            usage = subprocess.run(
+                [str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True
+            ).stdout
         regs = _field(usage, "REG:")
         stack = _field(usage, "STACK:")
         ptx = k.asm["ptx"]
-        row = {"name": name, "regs": regs, "stack": stack, "smem": k.metadata.shared,
-               "wgmma": ptx.count("wgmma.mma_async"), "tma": ptx.count("cp.async.bulk.tensor"),
-               "ws": k.asm["ttgir"].count("ttg.warp_specialize"),
-               "compile_s": round(time.time() - t0, 1)}
+        row = {
+            "name": name,
+            "regs": regs,
+            "stack": stack,
+            "smem": k.metadata.shared,
+            "wgmma": ptx.count("wgmma.mma_async"),
+            "tma": ptx.count("cp.async.bulk.tensor"),
+            "ws": k.asm["ttgir"].count("ttg.warp_specialize"),
+            "compile_s": round(time.time() - t0, 1),
+        }
         rows.append(row)
-        print(f"{name:58s} regs {regs:>4} stack {stack:>4} smem {row['smem']:>6} "
-              f"wgmma {row['wgmma']:>3} tma {row['tma']:>2} ws {row['ws']} ({row['compile_s']} s)",
-              flush=True)
+        print(
+            f"{name:58s} regs {regs:>4} stack {stack:>4} smem {row['smem']:>6} "
+            f"wgmma {row['wgmma']:>3} tma {row['tma']:>2} ws {row['ws']} ({row['compile_s']} s)",
+            flush=True,
+        )
     return rows
 
 
 def _field(text: str, key: str) -> str:
     i = text.find(key)
-    return text[i + len(key):].split()[0] if i >= 0 else "?"
+    return text[i + len(key) :].split()[0] if i >= 0 else "?"
 
 
 def cmd_compile(args) -> None:
@@ -246,8 +284,9 @@ def cmd_compile(args) -> None:
     from longflash_triton import configs, launch
 
     log: list = []
-    real = {n: getattr(launch, n) for n in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq",
-                                           "attn_bwd_prep")}
+    real = {
+        n: getattr(launch, n) for n in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_prep")
+    }
     for n, fn in real.items():
         setattr(launch, n, _Recorder(fn, log))
     configs.arch = lambda device: f"sm{args.arch}"
@@ -268,16 +307,23 @@ def cmd_compile(args) -> None:
                     else:
                         out = torch.empty_like(q)
                         lse = torch.empty(p.B, p.H, p.N)
-                        pick = configs.pick("dkdv" if kernel == "dkdv" else "dq", f"sm{args.arch}",
-                                            d, causal)
+                        pick = configs.pick(
+                            "dkdv" if kernel == "dkdv" else "dq", f"sm{args.arch}", d, causal
+                        )
                         cfgs = (cfg or pick, pick) if kernel == "dkdv" else (pick, cfg or pick)
                         launch.backward(call, do, q, k, v, out, lse, cfgs=cfgs)
                     want = {"fwd": "attn_fwd", "dkdv": "attn_bwd_dkdv", "dq": "attn_bwd_dq"}[kernel]
                     for fn, _grid, a, kw in log:
                         if fn.__name__ == want:
                             c = cfg or "table"
-                            jobs.append((f"{kernel} hd{d} {'causal' if causal else 'full'} {c}",
-                                         fn, a, dict(kw)))
+                            jobs.append(
+                                (
+                                    f"{kernel} hd{d} {'causal' if causal else 'full'} {c}",
+                                    fn,
+                                    a,
+                                    dict(kw),
+                                )
+                            )
     compile_offline(jobs, args.arch)
 
 
@@ -298,19 +344,27 @@ def ceilings() -> dict:
     x = torch.randn(2**30 // 2, device="cuda", dtype=torch.bfloat16)  # 1 GiB
     y = torch.empty_like(x)
     ms_copy = _bench(lambda: y.copy_(x))
-    return {"matmul_bf16_tflops": 2 * 8192**3 / ms / 1e9,
-            "copy_tbps": 2 * x.numel() * 2 / ms_copy / 1e9}
+    return {
+        "matmul_bf16_tflops": 2 * 8192**3 / ms / 1e9,
+        "copy_tbps": 2 * x.numel() * 2 / ms_copy / 1e9,
+    }
 
 
 def environment() -> dict:
     import torch
     import triton
 
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "gpu": torch.cuda.get_device_name(), "capability": torch.cuda.get_device_capability(),
-            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
-            "host": platform.node()}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(),
+        "capability": torch.cuda.get_device_capability(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
 
 
 # -- correctness at large N ----------------------------------------------------------
@@ -376,8 +430,7 @@ def ref_blockwise(q, k, v, do, *, causal, scale, window, softcap, block=1024):
         dk += scale * ds.transpose(-1, -2) @ qf[:, :, r0:r1]
     dk = dk.view(B, Hk, g, Nk, -1).sum(2)
     dv = dv.view(B, Hk, g, Nk, -1).sum(2)
-    return (out.transpose(1, 2), lse, dq.transpose(1, 2), dk.transpose(1, 2),
-            dv.transpose(1, 2))
+    return (out.transpose(1, 2), lse, dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2))
 
 
 def _rel(a, b) -> float:
@@ -410,20 +463,41 @@ def check_one(p: Problem) -> dict:
 
     q, k, v, do = make_inputs(p, "cuda", grad=True)
     t0 = time.time()
-    out, lse = longflash.attention(q, k, v, causal=p.causal, window=p.window,
-                                   softcap=p.softcap, return_lse=True, backend="triton")
+    out, lse = longflash.attention(
+        q,
+        k,
+        v,
+        causal=p.causal,
+        window=p.window,
+        softcap=p.softcap,
+        return_lse=True,
+        backend="triton",
+    )
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
     torch.cuda.synchronize()
     ours_s = time.time() - t0
-    ref = ref_blockwise(q.detach(), k.detach(), v.detach(), do, causal=p.causal,
-                        scale=1 / math.sqrt(p.D), window=p.window, softcap=p.softcap,
-                        block=512 if p.N > 32768 else 1024)
-    errs = {n: _rel(a, b) for n, a, b in zip(("out", "lse", "dq", "dk", "dv"),
-                                              (out, lse, dq, dk, dv), ref)}
+    ref = ref_blockwise(
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        do,
+        causal=p.causal,
+        scale=1 / math.sqrt(p.D),
+        window=p.window,
+        softcap=p.softcap,
+        block=512 if p.N > 32768 else 1024,
+    )
+    errs = {
+        n: _rel(a, b)
+        for n, a, b in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), ref)
+    }
     ok = all(e <= TOL[p.dtype] for e in errs.values())
     row = {"problem": dataclasses.asdict(p), "errors": errs, "ok": ok, "ours_s": ours_s}
-    print(f"check {p.label():34s} {p.dtype:9s} {'OK ' if ok else 'BAD'} "
-          + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
+    print(
+        f"check {p.label():34s} {p.dtype:9s} {'OK ' if ok else 'BAD'} "
+        + " ".join(f"{n} {e:.1e}" for n, e in errs.items()),
+        flush=True,
+    )
     del ref
     torch.cuda.empty_cache()
     return row
@@ -443,9 +517,18 @@ def check_varlen() -> dict:
     q = torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(T, 2, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(T, 2, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    out, lse = longflash.attention_varlen(q, k, v, cu, cu, max_seqlen_q=max(lens),
-                                          max_seqlen_k=max(lens), causal=True,
-                                          return_lse=True, backend="triton")
+    out, lse = longflash.attention_varlen(
+        q,
+        k,
+        v,
+        cu,
+        cu,
+        max_seqlen_q=max(lens),
+        max_seqlen_k=max(lens),
+        causal=True,
+        return_lse=True,
+        backend="triton",
+    )
     do = torch.randn_like(out)
     ours = (out, lse) + torch.autograd.grad(out, (q, k, v), do)
     parts: list[list] = [[], [], [], [], []]
@@ -453,18 +536,31 @@ def check_varlen() -> dict:
         s, e = int(cu[b]), int(cu[b + 1])
         if e == s:
             continue
-        ref = ref_blockwise(q[None, s:e].detach(), k[None, s:e].detach(), v[None, s:e].detach(),
-                            do[None, s:e], causal=True, scale=1 / math.sqrt(D), window=None,
-                            softcap=None)
+        ref = ref_blockwise(
+            q[None, s:e].detach(),
+            k[None, s:e].detach(),
+            v[None, s:e].detach(),
+            do[None, s:e],
+            causal=True,
+            scale=1 / math.sqrt(D),
+            window=None,
+            softcap=None,
+        )
         for i, r in enumerate(ref):
             parts[i].append(r[0])
     ref = [torch.cat(p_, 1 if i == 1 else 0) for i, p_ in enumerate(parts)]
     errs = {n: _rel(a, r) for n, a, r in zip(("out", "lse", "dq", "dk", "dv"), ours, ref)}
     ok = all(e <= TOL["bfloat16"] for e in errs.values())
-    print(f"check varlen {lens} causal GQA    {'OK ' if ok else 'BAD'} "
-          + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
-    return {"problem": {"varlen": lens, "H": H, "Hk": 2, "D": D, "causal": True},
-            "errors": errs, "ok": ok}
+    print(
+        f"check varlen {lens} causal GQA    {'OK ' if ok else 'BAD'} "
+        + " ".join(f"{n} {e:.1e}" for n, e in errs.items()),
+        flush=True,
+    )
+    return {
+        "problem": {"varlen": lens, "H": H, "Hk": 2, "D": D, "causal": True},
+        "errors": errs,
+        "ok": ok,
+    }
 
 
 def _warm_check(p: Problem) -> str:
@@ -474,8 +570,9 @@ def _warm_check(p: Problem) -> str:
 
     try:
         q, k, v, do = make_inputs(p, "cuda", grad=True)
-        out = longflash.attention(q, k, v, causal=p.causal, window=p.window, softcap=p.softcap,
-                                  backend="triton")
+        out = longflash.attention(
+            q, k, v, causal=p.causal, window=p.window, softcap=p.softcap, backend="triton"
+        )
         torch.autograd.grad(out, (q, k, v), do)
         torch.cuda.synchronize()
         return ""
@@ -491,8 +588,9 @@ def _pool_map(fn, items, workers: int) -> list:
     if workers <= 1 or not items:
         return []
     try:
-        with cf.ProcessPoolExecutor(min(workers, len(items)),
-                                    mp_context=mp.get_context("spawn")) as ex:
+        with cf.ProcessPoolExecutor(
+            min(workers, len(items)), mp_context=mp.get_context("spawn")
+        ) as ex:
             return list(ex.map(fn, items))
     except Exception as exc:
         print(f"worker pool failed ({type(exc).__name__}: {exc}); going on serially", flush=True)
@@ -577,14 +675,27 @@ def cmd_tune(args) -> dict:
             fo = None if kernel == "fwd" else run_variant("fwd", p, None, t)
             ms = _bench(functools.partial(run_variant, kernel, p, cfg, t, fo), warmup=10, rep=40)
         except Exception as exc:
-            rows.append({"kernel": kernel, "problem": p.label(), "config": dataclasses.asdict(cfg),
-                         "error": str(exc)[:300]})
+            rows.append(
+                {
+                    "kernel": kernel,
+                    "problem": p.label(),
+                    "config": dataclasses.asdict(cfg),
+                    "error": str(exc)[:300],
+                }
+            )
             continue
         # TFLOP/s of this kernel's share: dK/dV does 4 of the 7 backward products, dQ 3
         share = {"fwd": 1.0, "dkdv": 2.0, "dq": 1.5}[kernel]
         tflops = share * p.flops() / ms / 1e9
-        rows.append({"kernel": kernel, "problem": p.label(), "config": dataclasses.asdict(cfg),
-                     "ms": ms, "tflops": tflops})
+        rows.append(
+            {
+                "kernel": kernel,
+                "problem": p.label(),
+                "config": dataclasses.asdict(cfg),
+                "ms": ms,
+                "tflops": tflops,
+            }
+        )
         key = (kernel, p.D, p.causal, p.N)
         if key not in best or ms < best[key][0]:
             best[key] = (ms, cfg, tflops)
@@ -592,10 +703,13 @@ def cmd_tune(args) -> dict:
     print("\nbest per kernel / head dim / mask / N:")
     table = {}
     for (kernel, d, causal, n), (ms, cfg, tf) in sorted(best.items(), key=lambda x: str(x[0])):
-        print(f"  {kernel:5s} hd{d:<4d} {'band' if causal else 'full'} N{n:<6d} {ms:8.3f} ms "
-              f"{tf:6.0f} TFLOP/s  {cfg}")
+        print(
+            f"  {kernel:5s} hd{d:<4d} {'band' if causal else 'full'} N{n:<6d} {ms:8.3f} ms "
+            f"{tf:6.0f} TFLOP/s  {cfg}"
+        )
         table[f"{kernel}/{d}/{'band' if causal else 'full'}"] = {
-            k: v for k, v in dataclasses.asdict(cfg).items() if v is not False}
+            k: v for k, v in dataclasses.asdict(cfg).items() if v is not False
+        }
     return {"rows": rows, "best": table, "errors": errors}
 
 
@@ -611,7 +725,9 @@ def _peers(p: Problem):
             def f():
                 with sdpa_kernel(backend):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=p.causal)
+
             return f
+
         return build
 
     def flex(q, k, v):
@@ -620,12 +736,14 @@ def _peers(p: Problem):
         fn = _FLEX.setdefault("fn", torch.compile(flex_attention, dynamic=False))
         bm = None
         if p.causal:
-            bm = create_block_mask(lambda b, h, i, j: i >= j, None, None, p.N, p.N,
-                                   device="cuda")
+            bm = create_block_mask(lambda b, h, i, j: i >= j, None, None, p.N, p.N, device="cuda")
         return lambda: fn(q, k, v, block_mask=bm)
 
-    return [("sdpa_flash", sdpa(SDPBackend.FLASH_ATTENTION)),
-            ("sdpa_cudnn", sdpa(SDPBackend.CUDNN_ATTENTION)), ("flex", flex)]
+    return [
+        ("sdpa_flash", sdpa(SDPBackend.FLASH_ATTENTION)),
+        ("sdpa_cudnn", sdpa(SDPBackend.CUDNN_ATTENTION)),
+        ("flex", flex),
+    ]
 
 
 _FLEX: dict = {}
@@ -654,8 +772,9 @@ def bench_one(p: Problem, impls: list[str]) -> list[dict]:
         try:
             if name == "triton":
                 q, k, v, do = make_inputs(p, "cuda", grad=True)
-                f = functools.partial(longflash.attention, q, k, v, causal=p.causal,
-                                      backend="triton")
+                f = functools.partial(
+                    longflash.attention, q, k, v, causal=p.causal, backend="triton"
+                )
             else:  # peers take their native (B, H, N, D) layout
                 shape = (p.B, p.H, p.N, p.D)
                 q, k, v, do = (torch.randn(shape, device="cuda", dtype=dt) for _ in range(4))
@@ -664,20 +783,36 @@ def bench_one(p: Problem, impls: list[str]) -> list[dict]:
             out = f()
             fwd_ms = _bench(f)
             out = f()
-            bwd_ms = _bench(functools.partial(torch.autograd.grad, out, (q, k, v), do,
-                                              retain_graph=True))
+            bwd_ms = _bench(
+                functools.partial(torch.autograd.grad, out, (q, k, v), do, retain_graph=True)
+            )
             mem = torch.cuda.max_memory_allocated() / 2**30
         except Exception as exc:
-            rows.append({"impl": name, "problem": dataclasses.asdict(p),
-                         "error": f"{type(exc).__name__}: {exc}"[:300]})
+            rows.append(
+                {
+                    "impl": name,
+                    "problem": dataclasses.asdict(p),
+                    "error": f"{type(exc).__name__}: {exc}"[:300],
+                }
+            )
             print(f"  {name:10s} {p.label():32s} ERROR {rows[-1]['error'][:120]}", flush=True)
             continue
-        row = {"impl": name, "problem": dataclasses.asdict(p), "label": p.label(),
-               "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_tflops": p.flops() / fwd_ms / 1e9,
-               "bwd_tflops": p.flops(True) / bwd_ms / 1e9, "peak_gib": mem}
+        row = {
+            "impl": name,
+            "problem": dataclasses.asdict(p),
+            "label": p.label(),
+            "fwd_ms": fwd_ms,
+            "bwd_ms": bwd_ms,
+            "fwd_tflops": p.flops() / fwd_ms / 1e9,
+            "bwd_tflops": p.flops(True) / bwd_ms / 1e9,
+            "peak_gib": mem,
+        }
         rows.append(row)
-        print(f"  {name:10s} {p.label():32s} fwd {row['fwd_tflops']:6.0f} bwd "
-              f"{row['bwd_tflops']:6.0f} TFLOP/s  peak {mem:5.2f} GiB", flush=True)
+        print(
+            f"  {name:10s} {p.label():32s} fwd {row['fwd_tflops']:6.0f} bwd "
+            f"{row['bwd_tflops']:6.0f} TFLOP/s  peak {mem:5.2f} GiB",
+            flush=True,
+        )
     return rows
 
 
@@ -690,8 +825,10 @@ def _warm_flex(problems) -> list[str]:
     for p in problems:
         try:
             shape = (p.B, p.H, p.N, p.D)
-            q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16,
-                                   requires_grad=True) for _ in range(3))
+            q, k, v = (
+                torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(3)
+            )
             out = dict(_peers(p))["flex"](q, k, v)()
             out.sum().backward()
             torch.cuda.synchronize()
@@ -701,15 +838,22 @@ def _warm_flex(problems) -> list[str]:
 
 
 def bench_problems(args) -> list[Problem]:
-    return [standard_problem(d, n, c) for d in args.head_dims for n in args.seqlens
-            for c in (False, True)]
+    return [
+        standard_problem(d, n, c)
+        for d in args.head_dims
+        for n in args.seqlens
+        for c in (False, True)
+    ]
 
 
 def cmd_bench(args, sink=None) -> list[dict]:
     _flex_setup()
     probs = bench_problems(args)
-    flex_probs = [p for p in probs if p.N >= args.flex_min_n
-                  and (args.flex_dims is None or p.D in args.flex_dims)]
+    flex_probs = [
+        p
+        for p in probs
+        if p.N >= args.flex_min_n and (args.flex_dims is None or p.D in args.flex_dims)
+    ]
     t0 = time.time()
     for errs in _pool_map(_warm_flex, [[p] for p in flex_probs], args.workers):
         for e in errs:
@@ -730,10 +874,14 @@ def summary(rows: list[dict]) -> str:
     for r in rows:
         if "error" not in r:
             by[(r["label"], r["impl"])] = r
-    labels = sorted({r["label"] for r in rows if "label" in r},
-                    key=lambda s: (int(s.split()[0][2:]), int(s.split()[1][1:]), s))
-    lines = [f"{'problem':33s} {'fwd':>5s} {'xFA2':>5s} {'xFlex':>5s} {'xcuDNN':>6s} | "
-             f"{'bwd':>5s} {'xFA2':>5s} {'xFlex':>5s} {'xcuDNN':>6s}"]
+    labels = sorted(
+        {r["label"] for r in rows if "label" in r},
+        key=lambda s: (int(s.split()[0][2:]), int(s.split()[1][1:]), s),
+    )
+    lines = [
+        f"{'problem':33s} {'fwd':>5s} {'xFA2':>5s} {'xFlex':>5s} {'xcuDNN':>6s} | "
+        f"{'bwd':>5s} {'xFA2':>5s} {'xFlex':>5s} {'xcuDNN':>6s}"
+    ]
     for lab in labels:
         ours = by.get((lab, "triton"))
         if ours is None:
@@ -743,8 +891,11 @@ def summary(rows: list[dict]) -> str:
             cells.append(f"{ours[kind + '_tflops']:5.0f}")
             for peer, width in (("sdpa_flash", 5), ("flex", 5), ("sdpa_cudnn", 6)):
                 pr = by.get((lab, peer))
-                cells.append(f"{ours[kind + '_tflops'] / pr[kind + '_tflops']:{width}.2f}"
-                             if pr else f"{'-':>{width}s}")
+                cells.append(
+                    f"{ours[kind + '_tflops'] / pr[kind + '_tflops']:{width}.2f}"
+                    if pr
+                    else f"{'-':>{width}s}"
+                )
         lines.append(f"{lab:33s} " + " ".join(cells[:4]) + " | " + " ".join(cells[4:]))
     return "\n".join(lines)
 
@@ -765,8 +916,9 @@ def cmd_sanitize(args) -> None:
 
     for p in SANITIZE:
         q, k, v, do = make_inputs(p, "cuda", grad=True)
-        out = longflash.attention(q, k, v, causal=p.causal, window=p.window, softcap=p.softcap,
-                                  backend="triton")
+        out = longflash.attention(
+            q, k, v, causal=p.causal, window=p.window, softcap=p.softcap, backend="triton"
+        )
         torch.autograd.grad(out, (q, k, v), do)
     lens = [0, 100, 1, 250]
     cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
@@ -801,6 +953,7 @@ def cmd_all(args) -> None:
 
             table = configs._tables()["sm90"]
             table.update(res["tune"]["best"])
+
     def save_bench(rows):
         res["bench"] = rows
         (out_dir / f"{args.tag}.json").write_text(json.dumps(res, indent=1, default=str))
@@ -832,16 +985,20 @@ def cmd_plot(args) -> None:
     fig, axes = plt.subplots(len(dims), 4, figsize=(18, 4 * len(dims)), squeeze=False)
     colors = {"triton": "C3", "sdpa_flash": "C0", "sdpa_cudnn": "C2", "flex": "C1"}
     for i, d in enumerate(dims):
-        for j, (kind, causal) in enumerate([("fwd", False), ("fwd", True), ("bwd", False),
-                                            ("bwd", True)]):
+        for j, (kind, causal) in enumerate(
+            [("fwd", False), ("fwd", True), ("bwd", False), ("bwd", True)]
+        ):
             ax = axes[i][j]
             for impl, color in colors.items():
-                pts = sorted((r["problem"]["N"], r[f"{kind}_tflops"]) for r in rows
-                             if r["impl"] == impl and r["problem"]["D"] == d
-                             and r["problem"]["causal"] == causal)
+                pts = sorted(
+                    (r["problem"]["N"], r[f"{kind}_tflops"])
+                    for r in rows
+                    if r["impl"] == impl
+                    and r["problem"]["D"] == d
+                    and r["problem"]["causal"] == causal
+                )
                 if pts:
-                    ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", color=color,
-                            label=impl)
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", color=color, label=impl)
             ax.set_xscale("log", base=2)
             ax.set_title(f"hd{d} {kind} {'causal' if causal else 'non-causal'}")
             ax.set_xlabel("sequence length (batch·N = 16K)")
@@ -851,8 +1008,10 @@ def cmd_plot(args) -> None:
     handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
     fig.legend(list(handles.values()), list(handles), loc="upper right")
     env = res.get("env", {})
-    fig.suptitle(f"LongFlash triton vs peers, bf16, {env.get('gpu', '?')}, torch "
-                 f"{env.get('torch', '?')}, triton {env.get('triton', '?')}, {env.get('date', '')}")
+    fig.suptitle(
+        f"LongFlash triton vs peers, bf16, {env.get('gpu', '?')}, torch "
+        f"{env.get('torch', '?')}, triton {env.get('triton', '?')}, {env.get('date', '')}"
+    )
     fig.tight_layout()
     fig.savefig(args.png, dpi=90)
 
@@ -868,10 +1027,19 @@ def main() -> None:
     for name in ("check", "tune", "bench", "all"):
         c = sub.add_parser(name)
         c.add_argument("--long", action="store_true", help="also N = 128K")
-        c.add_argument("--checks", nargs="+", default=None,
-                       help="indices into CHECKS (then LONG), and/or 'varlen'")
-        c.add_argument("--flex-dims", type=int, nargs="+", default=None,
-                       help="head dims to run FlexAttention at (default: all)")
+        c.add_argument(
+            "--checks",
+            nargs="+",
+            default=None,
+            help="indices into CHECKS (then LONG), and/or 'varlen'",
+        )
+        c.add_argument(
+            "--flex-dims",
+            type=int,
+            nargs="+",
+            default=None,
+            help="head dims to run FlexAttention at (default: all)",
+        )
         c.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
         c.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
         c.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
@@ -879,21 +1047,30 @@ def main() -> None:
         c.add_argument("--out-dir", default=os.environ.get("OUT", "."))
         c.add_argument("--tag", default="triton_run")
         c.add_argument("--steps", nargs="+", default=["check", "tune", "bench"])
-        c.add_argument("--apply-tuned", action="store_true",
-                       help="bench with the configs this run's tuning picked")
+        c.add_argument(
+            "--apply-tuned",
+            action="store_true",
+            help="bench with the configs this run's tuning picked",
+        )
     c = sub.add_parser("sanitize")
     c = sub.add_parser("plot")
     c.add_argument("json")
     c.add_argument("png")
     c.add_argument("--skip", nargs="*", default=[], help="implementations to leave out")
     args = ap.parse_args()
-    cmds = {"compile": cmd_compile, "check": cmd_check, "tune": cmd_tune, "bench": cmd_bench,
-            "all": cmd_all, "sanitize": cmd_sanitize, "plot": cmd_plot}
+    cmds = {
+        "compile": cmd_compile,
+        "check": cmd_check,
+        "tune": cmd_tune,
+        "bench": cmd_bench,
+        "all": cmd_all,
+        "sanitize": cmd_sanitize,
+        "plot": cmd_plot,
+    }
     result = cmds[args.cmd](args)
     if args.cmd in ("check", "tune", "bench") and result is not None:
         path = Path(args.out_dir) / f"{args.tag}_{args.cmd}.json"
-        path.write_text(json.dumps({"env": environment(), args.cmd: result}, indent=1,
-                                   default=str))
+        path.write_text(json.dumps({"env": environment(), args.cmd: result}, indent=1, default=str))
 
 
 if __name__ == "__main__":

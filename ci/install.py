@@ -35,16 +35,18 @@ def main() -> int:
 
     gpu = has_nvidia_gpu()
     extras = "torch,jax,bench" + (",test" if args.test else "")
-    pkgs = [f"{ROOT / 'packages/longflash'}[{extras}]",
-            str(ROOT / "packages/longflash-triton"),
-            str(ROOT / "packages/longflash-jax")]
+    pkgs = [
+        f"{ROOT / 'packages/longflash'}[{extras}]",
+        str(ROOT / "packages/longflash-triton"),
+        str(ROOT / "packages/longflash-jax"),
+    ]
     if gpu and not args.no_cuda:
         pkgs.append(str(ROOT / "packages/longflash-cuda"))
     cmd = [sys.executable, "-m", "pip", "install"]
     if not gpu:
         cmd += ["-c", str(ROOT / "ci/constraints-cpu.txt")]
     for p in pkgs:
-        cmd += (["-e", p] if args.editable else [p])
+        cmd += ["-e", p] if args.editable else [p]
     print("+", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 

@@ -36,8 +36,13 @@ def _run(q, k, v, **kw):
     assert out.dtype == dt and lse.dtype == torch.float32
     assert out.shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     assert lse.shape == (q.shape[0], q.shape[2], q.shape[1])
-    for name, a, b in (("out", out, ro), ("lse", lse, rlse), ("dq", dq, rdq), ("dk", dk, rdk),
-                       ("dv", dv, rdv)):
+    for name, a, b in (
+        ("out", out, ro),
+        ("lse", lse, rlse),
+        ("dq", dq, rdq),
+        ("dk", dk, rdk),
+        ("dv", dv, rdv),
+    ):
         _check(dt, a, b, name)
     return out, lse, (dq, dk, dv)
 
@@ -69,15 +74,23 @@ CASES = [
 def test_attention(case, dtype, poison):
     b, nq, nk, hq, hk, d, dv, kw = case
     torch.manual_seed(hash((case[:7], dtype)) % 2**31)
-    _run(_rand(b, nq, hq, d, dtype=dtype), _rand(b, nk, hk, d, dtype=dtype),
-         _rand(b, nk, hk, dv, dtype=dtype), **kw)
+    _run(
+        _rand(b, nq, hq, d, dtype=dtype),
+        _rand(b, nk, hk, d, dtype=dtype),
+        _rand(b, nk, hk, dv, dtype=dtype),
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("kw", [{}, {"causal": True, "softcap": 2.0}, {"window": (3, 6)}])
 def test_float32(kw, poison):
     torch.manual_seed(0)
-    _run(_rand(1, 26, 2, 32, dtype=torch.float32), _rand(1, 31, 1, 32, dtype=torch.float32),
-         _rand(1, 31, 1, 48, dtype=torch.float32), **kw)
+    _run(
+        _rand(1, 26, 2, 32, dtype=torch.float32),
+        _rand(1, 31, 1, 32, dtype=torch.float32),
+        _rand(1, 31, 1, 48, dtype=torch.float32),
+        **kw,
+    )
 
 
 def test_rows_that_see_nothing(poison):
@@ -85,8 +98,11 @@ def test_rows_that_see_nothing(poison):
     those rows contribute nothing to dK/dV."""
     torch.manual_seed(1)
     dt = torch.float16
-    q, k, v = _rand(1, 40, 2, 32, dtype=dt), _rand(1, 17, 2, 32, dtype=dt), \
-        _rand(1, 17, 2, 32, dtype=dt)
+    q, k, v = (
+        _rand(1, 40, 2, 32, dtype=dt),
+        _rand(1, 17, 2, 32, dtype=dt),
+        _rand(1, 17, 2, 32, dtype=dt),
+    )
     out, lse, (dq, dk, dv) = _run(q, k, v, causal=True)
     blind = 40 - 17
     assert torch.all(out[:, :blind] == 0)
@@ -100,8 +116,11 @@ def test_keys_nobody_sees_get_zero_grads(poison):
     # window (2, 0) with Nk > Nq: the first keys lie left of every query's window
     torch.manual_seed(2)
     dt = torch.bfloat16
-    q, k, v = _rand(1, 20, 2, 32, dtype=dt), _rand(1, 50, 2, 32, dtype=dt), \
-        _rand(1, 50, 2, 32, dtype=dt)
+    q, k, v = (
+        _rand(1, 20, 2, 32, dtype=dt),
+        _rand(1, 50, 2, 32, dtype=dt),
+        _rand(1, 50, 2, 32, dtype=dt),
+    )
     _, _, (_, dk, dv) = _run(q, k, v, window=(2, 0))
     assert torch.all(dk[:, : 50 - 20 - 2] == 0) and torch.all(dv[:, : 50 - 20 - 2] == 0)
 
@@ -136,9 +155,18 @@ def test_varlen(case, dtype, poison):
     q = _rand(tq, hq, d, dtype=dtype).requires_grad_()
     k = _rand(tk, hk, d, dtype=dtype).requires_grad_()
     v = _rand(tk, hk, dv, dtype=dtype).requires_grad_()
-    out, lse = longflash.attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q=max(lens_q),
-                                          max_seqlen_k=max(lens_k), return_lse=True,
-                                          backend="triton", **kw)
+    out, lse = longflash.attention_varlen(
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max_seqlen_q=max(lens_q),
+        max_seqlen_k=max(lens_k),
+        return_lse=True,
+        backend="triton",
+        **kw,
+    )
     assert out.shape == (tq, hq, dv) and lse.shape == (hq, tq)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
@@ -152,14 +180,25 @@ def test_varlen(case, dtype, poison):
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
-    nq=st.integers(1, 40), nk=st.integers(1, 40), group=st.sampled_from([1, 2]),
-    d=st.sampled_from([16, 24, 48]), causal=st.booleans(),
-    left=st.one_of(st.none(), st.integers(0, 20)), right=st.one_of(st.none(), st.integers(0, 20)),
-    softcap=st.one_of(st.none(), st.floats(0.5, 20.0)), seed=st.integers(0, 2**16),
+    nq=st.integers(1, 40),
+    nk=st.integers(1, 40),
+    group=st.sampled_from([1, 2]),
+    d=st.sampled_from([16, 24, 48]),
+    causal=st.booleans(),
+    left=st.one_of(st.none(), st.integers(0, 20)),
+    right=st.one_of(st.none(), st.integers(0, 20)),
+    softcap=st.one_of(st.none(), st.floats(0.5, 20.0)),
+    seed=st.integers(0, 2**16),
 )
 def test_random_shapes(nq, nk, group, d, causal, left, right, softcap, seed):
     torch.manual_seed(seed)
     dt = torch.float16
     window = None if left is None and right is None else (left, right)
-    _run(_rand(1, nq, 2 * group, d, dtype=dt), _rand(1, nk, 2, d, dtype=dt),
-         _rand(1, nk, 2, d, dtype=dt), causal=causal, window=window, softcap=softcap)
+    _run(
+        _rand(1, nq, 2 * group, d, dtype=dt),
+        _rand(1, nk, 2, d, dtype=dt),
+        _rand(1, nk, 2, d, dtype=dt),
+        causal=causal,
+        window=window,
+        softcap=softcap,
+    )

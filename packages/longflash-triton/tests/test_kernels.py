@@ -16,13 +16,27 @@ from longflash_triton.tiles import band_blocks
 
 
 @triton.jit
-def _band_probe(OUT, len_r, len_c, lo_w, hi_w, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-                R: tl.constexpr, C: tl.constexpr):
+def _band_probe(
+    OUT,
+    len_r,
+    len_c,
+    lo_w,
+    hi_w,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    R: tl.constexpr,
+    C: tl.constexpr,
+):
     r0 = tl.program_id(0) * R
     c0, c1, c2, c3 = band_blocks(r0, R, len_r, len_c, lo_w, hi_w, HAS_LO, HAS_HI, C)
-    tl.store(OUT + tl.program_id(0) * 4 + tl.arange(0, 4),
-             tl.where(tl.arange(0, 4) == 0, c0,
-                      tl.where(tl.arange(0, 4) == 1, c1, tl.where(tl.arange(0, 4) == 2, c2, c3))))
+    tl.store(
+        OUT + tl.program_id(0) * 4 + tl.arange(0, 4),
+        tl.where(
+            tl.arange(0, 4) == 0,
+            c0,
+            tl.where(tl.arange(0, 4) == 1, c1, tl.where(tl.arange(0, 4) == 2, c2, c3)),
+        ),
+    )
 
 
 def _visible(len_r, len_c, lo_w, hi_w):
@@ -38,8 +52,9 @@ def _visible(len_r, len_c, lo_w, hi_w):
 
 
 @pytest.mark.parametrize("len_r,len_c", [(37, 37), (20, 53), (53, 20), (16, 16), (5, 70)])
-@pytest.mark.parametrize("lo_w,hi_w", [(None, None), (None, 0), (3, 0), (0, 0), (9, 4),
-                                       (None, 11), (2, None), (40, 40)])
+@pytest.mark.parametrize(
+    "lo_w,hi_w", [(None, None), (None, 0), (3, 0), (0, 0), (9, 4), (None, 11), (2, None), (40, 40)]
+)
 def test_band_blocks_skip_masked_tiles(len_r, len_c, lo_w, hi_w):
     """The ranges the kernels loop over cover every visible (row, column) pair, contain no
     column block that no valid row of the block sees (fully masked tiles are skipped), and
@@ -50,21 +65,22 @@ def test_band_blocks_skip_masked_tiles(len_r, len_c, lo_w, hi_w):
     R, C = 16, 16
     n_r = triton.cdiv(len_r, R)
     out = torch.zeros(n_r * 4, dtype=torch.int32, device=DEVICE)
-    _band_probe[(n_r,)](out, len_r, len_c, lo_w or 0, hi_w or 0, lo_w is not None,
-                        hi_w is not None, R, C)
+    _band_probe[(n_r,)](
+        out, len_r, len_c, lo_w or 0, hi_w or 0, lo_w is not None, hi_w is not None, R, C
+    )
     got = out.view(n_r, 4).cpu()
     vis = _visible(len_r, len_c, lo_w, hi_w)
     for i in range(n_r):
         c0, c1, c2, c3 = got[i].tolist()
         assert c0 % C == 0 and c0 <= c1 <= c2 <= c3 or c3 <= c0, got[i]
-        rows = vis[i * R:(i + 1) * R]
+        rows = vis[i * R : (i + 1) * R]
         cols_seen = rows.any(0).nonzero().flatten()
         if len(cols_seen) == 0:
             assert c3 <= c0, f"row block {i} sees nothing but loops over [{c0}, {c3})"
             continue
         assert c0 <= cols_seen.min() and cols_seen.max() < c3
         for j0 in range(c0, c3, C):
-            block = rows[:, j0:j0 + C]
+            block = rows[:, j0 : j0 + C]
             assert block.any(), f"row block {i}: column block {j0} is fully masked"
             if c1 <= j0 < c2:
                 assert block.shape[1] == C and block.all(), f"block {j0} is not mask-free"
@@ -73,8 +89,20 @@ def test_band_blocks_skip_masked_tiles(len_r, len_c, lo_w, hi_w):
 
 
 def _call(**kw) -> AttentionCall:
-    base = dict(framework="torch", device=DEVICE, dtype="bfloat16", B=1, Nq=8, Nk=8, Hq=2,
-                Hk=1, Dqk=64, Dv=64, causal=False, scale=0.125)
+    base = dict(
+        framework="torch",
+        device=DEVICE,
+        dtype="bfloat16",
+        B=1,
+        Nq=8,
+        Nk=8,
+        Hq=2,
+        Hk=1,
+        Dqk=64,
+        Dv=64,
+        causal=False,
+        scale=0.125,
+    )
     base.update(kw)
     return AttentionCall(**base)
 
@@ -114,8 +142,7 @@ def test_capabilities_are_the_one_table():
 
 
 def test_import_is_cheap():
-    code = ("import sys, longflash_triton; "
-            "print(any(m in sys.modules for m in ('triton', 'torch')))")
+    code = "import sys, longflash_triton; print(any(m in sys.modules for m in ('triton', 'torch')))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"

@@ -38,8 +38,20 @@ def test_flops_convention():
 def test_case_flops_counts_query_heads_and_matches_core():
     case = Case("bwd", True, "bfloat16", B=2, Nq=64, Nk=128, Hq=8, Hk=2, Dqk=64, Dv=32)
     assert case.flops() == 2.5 * 4 * 2 * 8 * 64 * 128 * 48 / 2
-    call = AttentionCall(framework="torch", device="cpu", dtype="bfloat16", B=2, Nq=64,
-                         Nk=128, Hq=8, Hk=2, Dqk=64, Dv=32, causal=True, scale=0.125)
+    call = AttentionCall(
+        framework="torch",
+        device="cpu",
+        dtype="bfloat16",
+        B=2,
+        Nq=64,
+        Nk=128,
+        Hq=8,
+        Hk=2,
+        Dqk=64,
+        Dv=32,
+        causal=True,
+        scale=0.125,
+    )
     assert case.flops() == call.flops(backward=True)
 
 
@@ -57,7 +69,11 @@ def test_gpu_default_grid():
     assert {c.Nq for c in cases} == {1024, 2048, 4096, 8192, 16384}
     assert {c.dtype for c in cases} == {"bfloat16"}
     assert {(c.direction, c.causal) for c in cases} == {
-        ("fwd", False), ("fwd", True), ("bwd", False), ("bwd", True)}
+        ("fwd", False),
+        ("fwd", True),
+        ("bwd", False),
+        ("bwd", True),
+    }
     for c in cases:
         assert c.B * c.Nq == 16384 and c.Hq * c.Dqk == 2048 and c.Hk == c.Hq
     long = make_cases(BenchConfig(long=True), "cuda")
@@ -70,11 +86,26 @@ def test_cpu_grid_and_options():
     assert {c.Dqk for c in cases} == {64} and {c.Hq for c in cases} == {4}
     assert {c.dtype for c in cases} == {"float32"}
     assert all(c.B * c.Nq == 2048 for c in cases)
-    cfg = BenchConfig(head_dims=[128], seqlens=[4096], batch_tokens=1024, heads=8, kv_heads=2,
-                      causal=[True], directions=["bwd"], dtypes=["float16"])
+    cfg = BenchConfig(
+        head_dims=[128],
+        seqlens=[4096],
+        batch_tokens=1024,
+        heads=8,
+        kv_heads=2,
+        causal=[True],
+        directions=["bwd"],
+        dtypes=["float16"],
+    )
     (only,) = make_cases(cfg, "cuda")
     assert (only.B, only.Nq, only.Hq, only.Hk, only.causal, only.direction, only.dtype) == (
-        1, 4096, 8, 2, True, "bwd", "float16")
+        1,
+        4096,
+        8,
+        2,
+        True,
+        "bwd",
+        "float16",
+    )
 
 
 # -- ratios -----------------------------------------------------------------------------------
@@ -152,7 +183,8 @@ def test_sample_rows_cover_both_ends():
 def test_describe_error():
     assert core.describe_error(MemoryError()).startswith("out of memory")
     assert core.describe_error(RuntimeError("CUDA out of memory. Tried")).startswith(
-        "out of memory")
+        "out of memory"
+    )
     assert core.describe_error(Skip("head_dim 512 > 256")) == "head_dim 512 > 256"
     assert core.describe_error(ValueError("bad\nmore")) == "ValueError: bad"
 
@@ -205,6 +237,7 @@ def test_contender_that_raises_is_skipped(harness):
     def make(case):
         def boom(q, k, v):
             raise RuntimeError("kernel exploded\nsecond line")
+
         return boom
 
     bad = Contender("boom", "peer", "raises", make)
@@ -215,8 +248,9 @@ def test_contender_that_raises_is_skipped(harness):
     def declines(case):
         raise Skip("head_dim 16 not supported")
 
-    m = harness.measure(Case("bwd", False, **TINY),
-                        Contender("picky", "longflash", "declines", declines))
+    m = harness.measure(
+        Case("bwd", False, **TINY), Contender("picky", "longflash", "declines", declines)
+    )
     assert (m.status, m.reason) == ("skipped", "head_dim 16 not supported")
 
 
@@ -252,6 +286,7 @@ def test_jax_harness_measures_and_records_failures():
     def make(case):
         def boom(q, k, v):
             raise NotImplementedError("no such kernel")
+
         return boom
 
     m = h.measure(Case("fwd", False, **TINY), Contender("boom", "peer", "raises", make))
@@ -276,5 +311,7 @@ def test_plot_warns_without_matplotlib(monkeypatch, tmp_path):
 def test_dense_guard_uses_score_matrix_size():
     case = Case("bwd", False, "float32", 2, 1000, 3000, 4, 4, 64, 64)
     assert core.dense_bytes(case) == 4 * 4 * 2 * 4 * 1000 * 3000
-    assert math.isclose(core.dense_bytes(Case("fwd", False, "float32", 2, 1000, 3000, 4, 4,
-                                               64, 64)), 2 * 4 * 2 * 4 * 1000 * 3000)
+    assert math.isclose(
+        core.dense_bytes(Case("fwd", False, "float32", 2, 1000, 3000, 4, 4, 64, 64)),
+        2 * 4 * 2 * 4 * 1000 * 3000,
+    )

@@ -67,8 +67,7 @@ def test_console_script_entry_point():
         "bad = {'torch', 'jax', 'triton', 'matplotlib'} & set(sys.modules); "
         "assert not bad, bad; sys.exit(longflash.cli.main(['info', '--json']))"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["longflash"]
 
@@ -83,8 +82,19 @@ def test_bench_quick_writes_json_and_png(quick_run):
     assert pngs[0].read_bytes()[:8] == PNG_MAGIC
 
     data = json.loads(jsons[0].read_text())
-    assert set(data) >= {"schema", "date", "command", "machine", "versions", "config",
-                         "ceilings", "contenders", "cases", "measurements", "ratios"}
+    assert set(data) >= {
+        "schema",
+        "date",
+        "command",
+        "machine",
+        "versions",
+        "config",
+        "ceilings",
+        "contenders",
+        "cases",
+        "measurements",
+        "ratios",
+    }
     assert data["schema"] == "longflash-bench/1"
     assert data["command"][:2] == ["longflash", "bench"]
     assert {"hostname", "cpu", "gpu", "slug"} <= set(data["machine"])
@@ -98,12 +108,26 @@ def test_bench_quick_writes_json_and_png(quick_run):
     assert any(c["kind"] == "longflash" for c in data["contenders"])
     # --quick: fwd and bwd, causal and not, two sequence lengths.
     assert {(c["direction"], c["causal"]) for c in data["cases"]} == {
-        ("fwd", False), ("fwd", True), ("bwd", False), ("bwd", True)}
+        ("fwd", False),
+        ("fwd", True),
+        ("bwd", False),
+        ("bwd", True),
+    }
     assert len(data["measurements"]) == len(data["cases"]) * len(names)
 
     for m in data["measurements"]:
-        assert {"case", "contender", "kind", "status", "reason", "ms", "tflops", "flops",
-                "peak_mem_bytes", "max_rel_err"} <= set(m)
+        assert {
+            "case",
+            "contender",
+            "kind",
+            "status",
+            "reason",
+            "ms",
+            "tflops",
+            "flops",
+            "peak_mem_bytes",
+            "max_rel_err",
+        } <= set(m)
         if m["status"] == "ok":
             assert m["ms"] > 0 and m["tflops"] > 0 and m["reps"] >= 1
             assert m["peak_mem_bytes"] is not None and m["peak_mem_bytes"] >= 0
@@ -113,11 +137,13 @@ def test_bench_quick_writes_json_and_png(quick_run):
     naive = [m for m in data["measurements"] if m["contender"] == "naive"]
     assert naive and all(m["status"] == "ok" for m in naive)
     # Every ratio joins two measured results of one case.
-    timed = {(m["case"], m["contender"]): m["ms"] for m in data["measurements"]
-             if m["status"] == "ok"}
+    timed = {
+        (m["case"], m["contender"]): m["ms"] for m in data["measurements"] if m["status"] == "ok"
+    }
     for r in data["ratios"]:
         assert r["speedup"] == pytest.approx(
-            timed[(r["case"], r["peer"])] / timed[(r["case"], r["backend"])])
+            timed[(r["case"], r["peer"])] / timed[(r["case"], r["backend"])]
+        )
 
 
 def test_bench_compare_and_plot(quick_run, tmp_path, capsys):

@@ -39,8 +39,15 @@ def naive(q, k, v, *, causal=False, window=None, softcap=None, scale=None):
         right = 0
     off = nk - nq
     vis = torch.tensor(
-        [[(left is None or j >= i + off - left) and (right is None or j <= i + off + right)
-          for j in range(nk)] for i in range(nq)], dtype=torch.bool).reshape(nq, nk)
+        [
+            [
+                (left is None or j >= i + off - left) and (right is None or j <= i + off + right)
+                for j in range(nk)
+            ]
+            for i in range(nq)
+        ],
+        dtype=torch.bool,
+    ).reshape(nq, nk)
     s = torch.einsum("bihd,bjhd->bhij", q, kk) * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
@@ -97,8 +104,15 @@ CASES = {
     "window-mqa": (29, 41, 4, 1, 8, 8, {"window": (5, 3)}),
     "left-only-softcap": (41, 29, 2, 1, 8, 12, {"window": (7, None), "softcap": 1.5}),
     "right-only-scale": (29, 41, 2, 2, 8, 8, {"window": (None, 2), "scale": 0.7}),
-    "causal-window-softcap": (40, 40, 2, 2, 8, 8,
-                              {"causal": True, "window": (6, 4), "softcap": 2.0}),
+    "causal-window-softcap": (
+        40,
+        40,
+        2,
+        2,
+        8,
+        8,
+        {"causal": True, "window": (6, 4), "softcap": 2.0},
+    ),
 }
 # Varlen: lengths with an empty sequence, a key-less sequence and length-1 sequences.
 CU_Q = [0, 5, 5, 6, 20, 21]
@@ -111,9 +125,11 @@ VARLEN_KWARGS = {
 
 
 def _inputs(rng, nq, nk, hq, hk, dqk, dv, batch=(2,)):
-    return (rng.standard_normal((*batch, nq, hq, dqk)),
-            rng.standard_normal((*batch, nk, hk, dqk)),
-            rng.standard_normal((*batch, nk, hk, dv)))
+    return (
+        rng.standard_normal((*batch, nq, hq, dqk)),
+        rng.standard_normal((*batch, nk, hk, dqk)),
+        rng.standard_normal((*batch, nk, hk, dv)),
+    )
 
 
 def _torch_run(path, q, k, v, dout, cu=None, **kwargs):
@@ -121,12 +137,12 @@ def _torch_run(path, q, k, v, dout, cu=None, **kwargs):
     q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
     with reference.force_path(path, **BLOCKS):
         if cu is None:
-            out, lse = longflash.attention(q, k, v, return_lse=True, backend="reference",
-                                           **kwargs)
+            out, lse = longflash.attention(q, k, v, return_lse=True, backend="reference", **kwargs)
         else:
             cu_q, cu_k = (torch.tensor(c, dtype=torch.int32) for c in cu)
-            out, lse = longflash.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True,
-                                                  backend="reference", **kwargs)
+            out, lse = longflash.attention_varlen(
+                q, k, v, cu_q, cu_k, return_lse=True, backend="reference", **kwargs
+            )
         grads = torch.autograd.grad(out, (q, k, v), dout)
     return out.detach(), lse, grads
 
@@ -143,13 +159,15 @@ def _naive_run(q, k, v, dout, cu=None, **kwargs):
 
 # -- the backend object and path selection -----------------------------------------------
 def test_import_longflash_imports_no_framework():
-    code = ("import sys, longflash, longflash.reference as r\n"
-            "from longflash.call import AttentionCall\n"
-            "call = AttentionCall('torch', 'cpu', 'float32', 1, 8, 8, 2, 2, 4, 4, False, 0.5)\n"
-            "assert r.backend.available() == (True, '') and r.backend.check(call) == []\n"
-            "assert r.choose_path(call) == 'exact'\n"
-            "bad = [m for m in ('torch', 'jax') if m in sys.modules]\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys, longflash, longflash.reference as r\n"
+        "from longflash.call import AttentionCall\n"
+        "call = AttentionCall('torch', 'cpu', 'float32', 1, 8, 8, 2, 2, 4, 4, False, 0.5)\n"
+        "assert r.backend.available() == (True, '') and r.backend.check(call) == []\n"
+        "assert r.choose_path(call) == 'exact'\n"
+        "bad = [m for m in ('torch', 'jax') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -203,8 +221,9 @@ def test_env_var_reaches_the_call(monkeypatch):
     taken = []
     for name in ("_forward_exact", "_forward_blockwise"):
         fn = getattr(ref_torch, name)
-        monkeypatch.setattr(ref_torch, name,
-                            lambda *a, _fn=fn, _n=name, **kw: taken.append(_n) or _fn(*a, **kw))
+        monkeypatch.setattr(
+            ref_torch, name, lambda *a, _fn=fn, _n=name, **kw: taken.append(_n) or _fn(*a, **kw)
+        )
     q = torch.randn(1, 8, 2, 4)
     for path in PATHS:
         monkeypatch.setenv(reference.PATH_ENV, path)
@@ -256,21 +275,23 @@ def test_torch_gradcheck(path):
         return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
 
     def dense(q, k, v):
-        return longflash.attention(q, k, v, causal=True, window=(3, None), softcap=1.2,
-                                   backend="reference")
+        return longflash.attention(
+            q, k, v, causal=True, window=(3, None), softcap=1.2, backend="reference"
+        )
 
-    cu_q, cu_k = torch.tensor([0, 3, 3, 7], dtype=torch.int32), torch.tensor(
-        [0, 2, 5, 9], dtype=torch.int32)
+    cu_q, cu_k = (
+        torch.tensor([0, 3, 3, 7], dtype=torch.int32),
+        torch.tensor([0, 2, 5, 9], dtype=torch.int32),
+    )
 
     def packed(q, k, v):
-        return longflash.attention_varlen(q, k, v, cu_q, cu_k, window=(1, 2),
-                                          backend="reference")
+        return longflash.attention_varlen(q, k, v, cu_q, cu_k, window=(1, 2), backend="reference")
 
     with reference.force_path(path, block_q=2, block_k=3):
-        assert torch.autograd.gradcheck(dense, (rand(1, 7, 4, 3), rand(1, 5, 2, 3),
-                                                rand(1, 5, 2, 2)))
-        assert torch.autograd.gradcheck(packed, (rand(7, 2, 3), rand(9, 1, 3),
-                                                 rand(9, 1, 2)))
+        assert torch.autograd.gradcheck(
+            dense, (rand(1, 7, 4, 3), rand(1, 5, 2, 3), rand(1, 5, 2, 2))
+        )
+        assert torch.autograd.gradcheck(packed, (rand(7, 2, 3), rand(9, 1, 3), rand(9, 1, 2)))
 
 
 @pytest.mark.parametrize(
@@ -312,14 +333,14 @@ def test_torch_rows_that_see_no_key(path, dtype):
     assert (out[:, :6] == 0).all() and (dq[:, :6] == 0).all()
     assert torch.isneginf(lse[:, :, :6]).all() and torch.isfinite(lse[:, :, 6:]).all()
     # Each later row sees exactly one key: its output is that key's value row.
-    torch.testing.assert_close(out[:, 6:].float(), v.repeat_interleave(2, 2).float(),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        out[:, 6:].float(), v.repeat_interleave(2, 2).float(), rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_torch_no_keys_at_all(path):
-    q, k = torch.randn(2, 3, 2, 4, requires_grad=True), torch.randn(2, 0, 2, 4,
-                                                                    requires_grad=True)
+    q, k = torch.randn(2, 3, 2, 4, requires_grad=True), torch.randn(2, 0, 2, 4, requires_grad=True)
     v = torch.randn(2, 0, 2, 5, requires_grad=True)
     with reference.force_path(path):
         out, lse = longflash.attention(q, k, v, return_lse=True, backend="reference")
@@ -443,10 +464,10 @@ def _jax_run(jax, path, q, k, v, dout, cu=None, **kwargs):
     def fn(q, k, v, dout, cu_q, cu_k):
         def f(q, k, v):
             if cu is not None:
-                return longflash.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True,
-                                                  backend="reference", **kwargs)
-            return longflash.attention(q, k, v, return_lse=True, backend="reference",
-                                       **kwargs)
+                return longflash.attention_varlen(
+                    q, k, v, cu_q, cu_k, return_lse=True, backend="reference", **kwargs
+                )
+            return longflash.attention(q, k, v, return_lse=True, backend="reference", **kwargs)
 
         (out, lse), vjp = jax.vjp(f, q, k, v)
         return out, lse, vjp((dout, jnp.zeros_like(lse)))
@@ -456,10 +477,14 @@ def _jax_run(jax, path, q, k, v, dout, cu=None, **kwargs):
 
 
 JAX_CASES = {
-    "causal-Nq<Nk-gqa-softcap": (CASES["causal-Nq<Nk-gqa-dv"][:6],
-                                 {"causal": True, "softcap": 2.0}),
-    "Nq>Nk-empty-rows-window": (CASES["causal-Nq>Nk-empty-rows"][:6],
-                                {"causal": True, "window": (4, None)}),
+    "causal-Nq<Nk-gqa-softcap": (
+        CASES["causal-Nq<Nk-gqa-dv"][:6],
+        {"causal": True, "softcap": 2.0},
+    ),
+    "Nq>Nk-empty-rows-window": (
+        CASES["causal-Nq>Nk-empty-rows"][:6],
+        {"causal": True, "window": (4, None)},
+    ),
     "varlen-causal-window": (None, {"causal": True, "window": (3, 1)}),
 }
 
@@ -515,6 +540,7 @@ def test_jax_float64_grad_under_jit(jax_mods):
     with jax.enable_x64(True):
         args = [jnp.asarray(x, jnp.float64) for x in (q, k, v)]
         for path in PATHS:
+
             def loss(q, k, v):
                 out = longflash.attention(q, k, v, backend="reference", **kwargs)
                 return jnp.sum(out * w), out
@@ -532,8 +558,7 @@ def test_jax_vmap_over_batch(jax_mods):
     """vmap over a leading axis (blockwise path, GQA, causal) equals a Python loop."""
     jax, jnp = jax_mods
     rng = np.random.default_rng(8)
-    q, k, v = (jnp.asarray(x, jnp.float32)
-               for x in _inputs(rng, 21, 30, 4, 2, 8, 8, batch=(3, 2)))
+    q, k, v = (jnp.asarray(x, jnp.float32) for x in _inputs(rng, 21, 30, 4, 2, 8, 8, batch=(3, 2)))
 
     def f(q, k, v):
         return longflash.attention(q, k, v, causal=True, backend="reference")
@@ -542,8 +567,7 @@ def test_jax_vmap_over_batch(jax_mods):
         batched = jax.jit(jax.vmap(f))(q, k, v)
         single = jax.jit(f)
         looped = jnp.stack([single(q[i], k[i], v[i]) for i in range(3)])
-    np.testing.assert_allclose(np.asarray(batched), np.asarray(looped), rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(batched), np.asarray(looped), rtol=1e-6, atol=1e-6)
 
 
 def test_jax_bfloat16(jax_mods):

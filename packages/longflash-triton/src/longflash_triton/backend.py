@@ -30,8 +30,11 @@ class Capabilities:
     head_dim_min: int = 1
     # 256 fits the tile budget on every GPU we tune for; larger would need split-D tiles.
     head_dim_max: int = 256
-    features: frozenset[str] = field(default_factory=lambda: frozenset(
-        {"causal", "window", "softcap", "gqa", "varlen", "lse", "dqk_ne_dv", "scale"}))
+    features: frozenset[str] = field(
+        default_factory=lambda: frozenset(
+            {"causal", "window", "softcap", "gqa", "varlen", "lse", "dqk_ne_dv", "scale"}
+        )
+    )
 
 
 CAPABILITIES = Capabilities()
@@ -93,8 +96,9 @@ class TritonBackend:
             "varlen": call.varlen is not None,
             "dqk_ne_dv": call.Dqk != call.Dv,
         }
-        reasons += [f"{f} not supported" for f, on in wanted.items()
-                    if on and f not in caps.features]
+        reasons += [
+            f"{f} not supported" for f, on in wanted.items() if on and f not in caps.features
+        ]
         return reasons
 
     def forward(self, call: AttentionCall, q: Any, k: Any, v: Any) -> tuple[Any, Any]:
@@ -102,8 +106,9 @@ class TritonBackend:
 
         return launch.forward(call, q, k, v)
 
-    def backward(self, call: AttentionCall, dout: Any, q: Any, k: Any, v: Any, out: Any,
-                 lse: Any) -> tuple[Any, Any, Any]:
+    def backward(
+        self, call: AttentionCall, dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any
+    ) -> tuple[Any, Any, Any]:
         from longflash_triton import launch
 
         return launch.backward(call, dout, q, k, v, out, lse)

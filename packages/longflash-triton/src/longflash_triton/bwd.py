@@ -14,8 +14,26 @@ from longflash_triton.tiles import LOG2E, band_blocks, band_mask, dot, load_tile
 
 
 @triton.jit
-def attn_bwd_prep(Out, DO, LSE, DELTA, LSE2, sob, son, soh, sdb, sdn, sdh, slb, slh,
-                  N, H, HEAD_DV: tl.constexpr, BM: tl.constexpr, BDV: tl.constexpr):
+def attn_bwd_prep(
+    Out,
+    DO,
+    LSE,
+    DELTA,
+    LSE2,
+    sob,
+    son,
+    soh,
+    sdb,
+    sdn,
+    sdh,
+    slb,
+    slh,
+    N,
+    H,
+    HEAD_DV: tl.constexpr,
+    BM: tl.constexpr,
+    BDV: tl.constexpr,
+):
     """delta = rowsum(dO * O) in fp32; lse2 = lse * log2(e), with -inf (a row that sees
     nothing) turned into +inf so that exp2(x - lse2) is 0 there instead of NaN."""
     pid_bh = tl.program_id(1)
@@ -24,10 +42,16 @@ def attn_bwd_prep(Out, DO, LSE, DELTA, LSE2, sob, son, soh, sdb, sdn, sdh, slb, 
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.arange(0, BDV)
     mask = (rows[:, None] < N) & (cols[None, :] < HEAD_DV)
-    o = tl.load(Out + b * sob + h * soh + rows[:, None].to(tl.int64) * son + cols[None, :],
-                mask=mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + rows[:, None].to(tl.int64) * sdn + cols[None, :],
-                 mask=mask, other=0.0)
+    o = tl.load(
+        Out + b * sob + h * soh + rows[:, None].to(tl.int64) * son + cols[None, :],
+        mask=mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * sdb + h * sdh + rows[:, None].to(tl.int64) * sdn + cols[None, :],
+        mask=mask,
+        other=0.0,
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     lse_ptrs = LSE + b * slb + h * slh + rows
     lse = tl.load(lse_ptrs, mask=rows < N, other=0.0)
@@ -37,14 +61,44 @@ def attn_bwd_prep(Out, DO, LSE, DELTA, LSE2, sob, son, soh, sdb, sdn, sdh, slb, 
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, sqn, sdn, lse_base,
-                 delta_base, offs_n, len_q, len_k, m_lo, m_hi, win_left, win_right,
-                 qk_scale, cap2,
-                 BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, MASKED: tl.constexpr,
-                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                 TMA: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr,
-                 PRECISION: tl.constexpr):
+def _dkdv_blocks(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    q_desc,
+    do_desc,
+    b,
+    h,
+    sqn,
+    sdn,
+    lse_base,
+    delta_base,
+    offs_n,
+    len_q,
+    len_k,
+    m_lo,
+    m_hi,
+    win_left,
+    win_right,
+    qk_scale,
+    cap2,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    TMA: tl.constexpr,
+    STAGES: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Accumulate dK, dV of one key block over query blocks [m_lo, m_hi). Everything is
     computed transposed (keys x queries), so that P^T and dS^T feed the MMAs from registers."""
     rows = tl.arange(0, BM)
@@ -58,10 +112,24 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, sqn, sdn,
             q = q_desc.load([b, m0, h, 0]).reshape(BM, BD)
             do = do_desc.load([b, m0, h, 0]).reshape(BM, BDV)
         else:
-            q = load_tile(q_base + tl.cast(m0, tl.int64) * sqn + q_offs, rows, len_q - m0, offs_d,
-                          HEAD_D, BD, MASKED)
-            do = load_tile(do_base + tl.cast(m0, tl.int64) * sdn + do_offs, rows, len_q - m0,
-                           offs_dv, HEAD_DV, BDV, MASKED)
+            q = load_tile(
+                q_base + tl.cast(m0, tl.int64) * sqn + q_offs,
+                rows,
+                len_q - m0,
+                offs_d,
+                HEAD_D,
+                BD,
+                MASKED,
+            )
+            do = load_tile(
+                do_base + tl.cast(m0, tl.int64) * sdn + do_offs,
+                rows,
+                len_q - m0,
+                offs_dv,
+                HEAD_DV,
+                BDV,
+                MASKED,
+            )
         if MASKED:
             lse2 = tl.load(lse_base + m0 + rows, mask=m0 + rows < len_q, other=float("inf"))
             delta = tl.load(delta_base + m0 + rows, mask=m0 + rows < len_q, other=0.0)
@@ -71,8 +139,16 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, sqn, sdn,
         qk_t = dot(k, tl.trans(q), None, UPCAST, PRECISION)
         x_t, t_t = scores(qk_t, qk_scale, cap2, SOFTCAP)
         if MASKED:
-            vis = band_mask(offs_n[:, None], m0 + rows[None, :], len_q, off,
-                            win_right, win_left, HAS_RIGHT, HAS_LEFT)
+            vis = band_mask(
+                offs_n[:, None],
+                m0 + rows[None, :],
+                len_q,
+                off,
+                win_right,
+                win_left,
+                HAS_RIGHT,
+                HAS_LEFT,
+            )
             x_t = tl.where(vis, x_t, float("-inf"))
         p_t = tl.math.exp2(x_t - lse2[None, :])
         dv = dot(p_t.to(do.dtype), do, dv, UPCAST, PRECISION)
@@ -85,15 +161,65 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, sqn, sdn,
 
 
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, CU_Q, CU_K, q_desc, k_desc, v_desc,
-                  do_desc, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdb, sdn, sdh,
-                  sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, slb, slh,
-                  Nq, Nk, Hk, GROUP, win_left, win_right, qk_scale, scale, cap2,
-                  HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                  VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                  SOFTCAP: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def attn_bwd_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    LSE2,
+    DELTA,
+    DK,
+    DV,
+    CU_Q,
+    CU_K,
+    q_desc,
+    k_desc,
+    v_desc,
+    do_desc,
+    sqb,
+    sqn,
+    sqh,
+    skb,
+    skn,
+    skh,
+    svb,
+    svn,
+    svh,
+    sdb,
+    sdn,
+    sdh,
+    sdkb,
+    sdkn,
+    sdkh,
+    sdvb,
+    sdvn,
+    sdvh,
+    slb,
+    slh,
+    Nq,
+    Nk,
+    Hk,
+    GROUP,
+    win_left,
+    win_right,
+    qk_scale,
+    scale,
+    cap2,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    TMA: tl.constexpr,
+    STAGES: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One program per (key block, batch * kv head). GQA: the group's query heads are
     summed in registers here, so dK/dV are written once, without atomics."""
     pid_n = tl.program_id(0)
@@ -127,15 +253,28 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, CU_Q, CU_K, q_desc, k_desc, 
         k = k_desc.load([b, n0, hk, 0]).reshape(BN, BD)
         v = v_desc.load([b, n0, hk, 0]).reshape(BN, BDV)
     else:
-        k = load_tile(K + b64 * skb + hk64 * skh + k_row * skn + cols[:, None] * skn
-                      + offs_d[None, :], cols, len_k - n0, offs_d, HEAD_D, BD, True)
-        v = load_tile(V + b64 * svb + hk64 * svh + k_row * svn + cols[:, None] * svn
-                      + offs_dv[None, :], cols, len_k - n0, offs_dv, HEAD_DV, BDV, True)
+        k = load_tile(
+            K + b64 * skb + hk64 * skh + k_row * skn + cols[:, None] * skn + offs_d[None, :],
+            cols,
+            len_k - n0,
+            offs_d,
+            HEAD_D,
+            BD,
+            True,
+        )
+        v = load_tile(
+            V + b64 * svb + hk64 * svh + k_row * svn + cols[:, None] * svn + offs_dv[None, :],
+            cols,
+            len_k - n0,
+            offs_dv,
+            HEAD_DV,
+            BDV,
+            True,
+        )
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
     # Query blocks that see this key block: the same band with rows and columns swapped.
-    m0, m1, m2, m3 = band_blocks(n0, BN, len_k, len_q, win_right, win_left,
-                                 HAS_RIGHT, HAS_LEFT, BM)
+    m0, m1, m2, m3 = band_blocks(n0, BN, len_k, len_q, win_right, win_left, HAS_RIGHT, HAS_LEFT, BM)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         h64 = h.to(tl.int64)
@@ -145,20 +284,119 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, CU_Q, CU_K, q_desc, k_desc, 
         delta_base = DELTA + b64 * slb + h64 * slh + q_start
         if HAS_RIGHT:
             dk, dv = _dkdv_blocks(
-                dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, sqn, sdn, lse_base,
-                delta_base, offs_n, len_q, len_k, m0, m1, win_left, win_right, qk_scale, cap2,
-                BM, BD, BDV, HEAD_D, HEAD_DV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, TMA, STAGES,
-                UPCAST, PRECISION)
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                q_desc,
+                do_desc,
+                b,
+                h,
+                sqn,
+                sdn,
+                lse_base,
+                delta_base,
+                offs_n,
+                len_q,
+                len_k,
+                m0,
+                m1,
+                win_left,
+                win_right,
+                qk_scale,
+                cap2,
+                BM,
+                BD,
+                BDV,
+                HEAD_D,
+                HEAD_DV,
+                True,
+                HAS_LEFT,
+                HAS_RIGHT,
+                SOFTCAP,
+                TMA,
+                STAGES,
+                UPCAST,
+                PRECISION,
+            )
         dk, dv = _dkdv_blocks(
-            dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, sqn, sdn, lse_base,
-            delta_base, offs_n, len_q, len_k, m1, m2, win_left, win_right, qk_scale, cap2,
-            BM, BD, BDV, HEAD_D, HEAD_DV, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, TMA, STAGES,
-            UPCAST, PRECISION)
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            q_desc,
+            do_desc,
+            b,
+            h,
+            sqn,
+            sdn,
+            lse_base,
+            delta_base,
+            offs_n,
+            len_q,
+            len_k,
+            m1,
+            m2,
+            win_left,
+            win_right,
+            qk_scale,
+            cap2,
+            BM,
+            BD,
+            BDV,
+            HEAD_D,
+            HEAD_DV,
+            False,
+            HAS_LEFT,
+            HAS_RIGHT,
+            SOFTCAP,
+            TMA,
+            STAGES,
+            UPCAST,
+            PRECISION,
+        )
         dk, dv = _dkdv_blocks(
-            dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, sqn, sdn, lse_base,
-            delta_base, offs_n, len_q, len_k, m2, m3, win_left, win_right, qk_scale, cap2,
-            BM, BD, BDV, HEAD_D, HEAD_DV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, TMA, STAGES,
-            UPCAST, PRECISION)
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            q_desc,
+            do_desc,
+            b,
+            h,
+            sqn,
+            sdn,
+            lse_base,
+            delta_base,
+            offs_n,
+            len_q,
+            len_k,
+            m2,
+            m3,
+            win_left,
+            win_right,
+            qk_scale,
+            cap2,
+            BM,
+            BD,
+            BDV,
+            HEAD_D,
+            HEAD_DV,
+            True,
+            HAS_LEFT,
+            HAS_RIGHT,
+            SOFTCAP,
+            TMA,
+            STAGES,
+            UPCAST,
+            PRECISION,
+        )
     dk = dk * scale
     row_ok = cols[:, None] < len_k - n0
     dk_ptrs = DK + b64 * sdkb + hk64 * sdkh + k_row * sdkn + cols[:, None] * sdkn
@@ -166,23 +404,59 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, CU_Q, CU_K, q_desc, k_desc, 
     if HEAD_D == BD:
         tl.store(dk_ptrs + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=row_ok)
     else:
-        tl.store(dk_ptrs + offs_d[None, :], dk.to(DK.dtype.element_ty),
-                 mask=row_ok & (offs_d[None, :] < HEAD_D))
+        tl.store(
+            dk_ptrs + offs_d[None, :],
+            dk.to(DK.dtype.element_ty),
+            mask=row_ok & (offs_d[None, :] < HEAD_D),
+        )
     if HEAD_DV == BDV:
         tl.store(dv_ptrs + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=row_ok)
     else:
-        tl.store(dv_ptrs + offs_dv[None, :], dv.to(DV.dtype.element_ty),
-                 mask=row_ok & (offs_dv[None, :] < HEAD_DV))
+        tl.store(
+            dv_ptrs + offs_dv[None, :],
+            dv.to(DV.dtype.element_ty),
+            mask=row_ok & (offs_dv[None, :] < HEAD_DV),
+        )
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, b, hk, skn, svn,
-               offs_m, len_q, len_k, n_lo, n_hi, win_left, win_right, qk_scale, cap2,
-               BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-               HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, MASKED: tl.constexpr,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-               TMA: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr):
+def _dq_blocks(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    k_desc,
+    v_desc,
+    b,
+    hk,
+    skn,
+    svn,
+    offs_m,
+    len_q,
+    len_k,
+    n_lo,
+    n_hi,
+    win_left,
+    win_right,
+    qk_scale,
+    cap2,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    TMA: tl.constexpr,
+    STAGES: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     cols = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
@@ -194,15 +468,37 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, b, hk, sk
             k = k_desc.load([b, n0, hk, 0]).reshape(BN, BD)
             v = v_desc.load([b, n0, hk, 0]).reshape(BN, BDV)
         else:
-            k = load_tile(k_base + tl.cast(n0, tl.int64) * skn + k_offs, cols, len_k - n0, offs_d,
-                          HEAD_D, BD, MASKED)
-            v = load_tile(v_base + tl.cast(n0, tl.int64) * svn + v_offs, cols, len_k - n0,
-                          offs_dv, HEAD_DV, BDV, MASKED)
+            k = load_tile(
+                k_base + tl.cast(n0, tl.int64) * skn + k_offs,
+                cols,
+                len_k - n0,
+                offs_d,
+                HEAD_D,
+                BD,
+                MASKED,
+            )
+            v = load_tile(
+                v_base + tl.cast(n0, tl.int64) * svn + v_offs,
+                cols,
+                len_k - n0,
+                offs_dv,
+                HEAD_DV,
+                BDV,
+                MASKED,
+            )
         qk = dot(q, tl.trans(k), None, UPCAST, PRECISION)
         x, t = scores(qk, qk_scale, cap2, SOFTCAP)
         if MASKED:
-            vis = band_mask(offs_m[:, None], n0 + cols[None, :], len_k, off,
-                            win_left, win_right, HAS_LEFT, HAS_RIGHT)
+            vis = band_mask(
+                offs_m[:, None],
+                n0 + cols[None, :],
+                len_k,
+                off,
+                win_left,
+                win_right,
+                HAS_LEFT,
+                HAS_RIGHT,
+            )
             x = tl.where(vis, x, float("-inf"))
         p = tl.math.exp2(x - lse2[:, None])
         dp = dot(do, tl.trans(v), None, UPCAST, PRECISION)
@@ -214,15 +510,61 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, b, hk, sk
 
 
 @triton.jit
-def attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, CU_Q, CU_K, q_desc, k_desc, v_desc, do_desc,
-                sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdb, sdn, sdh,
-                sdqb, sdqn, sdqh, slb, slh,
-                Nq, Nk, Hq, GROUP, win_left, win_right, qk_scale, scale, cap2,
-                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                SOFTCAP: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def attn_bwd_dq(
+    Q,
+    K,
+    V,
+    DO,
+    LSE2,
+    DELTA,
+    DQ,
+    CU_Q,
+    CU_K,
+    q_desc,
+    k_desc,
+    v_desc,
+    do_desc,
+    sqb,
+    sqn,
+    sqh,
+    skb,
+    skn,
+    skh,
+    svb,
+    svn,
+    svh,
+    sdb,
+    sdn,
+    sdh,
+    sdqb,
+    sdqn,
+    sdqh,
+    slb,
+    slh,
+    Nq,
+    Nk,
+    Hq,
+    GROUP,
+    win_left,
+    win_right,
+    qk_scale,
+    scale,
+    cap2,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    TMA: tl.constexpr,
+    STAGES: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One program per (query block, batch * query head); K/V streamed over the band."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -255,36 +597,151 @@ def attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, CU_Q, CU_K, q_desc, k_desc, v_desc
         q = q_desc.load([b, m0, h, 0]).reshape(BM, BD)
         do = do_desc.load([b, m0, h, 0]).reshape(BM, BDV)
     else:
-        q = load_tile(Q + b64 * sqb + h64 * sqh + q_row * sqn + rows[:, None] * sqn
-                      + offs_d[None, :], rows, len_q - m0, offs_d, HEAD_D, BD, True)
-        do = load_tile(DO + b64 * sdb + h64 * sdh + q_row * sdn + rows[:, None] * sdn
-                       + offs_dv[None, :], rows, len_q - m0, offs_dv, HEAD_DV, BDV, True)
+        q = load_tile(
+            Q + b64 * sqb + h64 * sqh + q_row * sqn + rows[:, None] * sqn + offs_d[None, :],
+            rows,
+            len_q - m0,
+            offs_d,
+            HEAD_D,
+            BD,
+            True,
+        )
+        do = load_tile(
+            DO + b64 * sdb + h64 * sdh + q_row * sdn + rows[:, None] * sdn + offs_dv[None, :],
+            rows,
+            len_q - m0,
+            offs_dv,
+            HEAD_DV,
+            BDV,
+            True,
+        )
     l_off = b64 * slb + h64 * slh + q_start + offs_m
     lse2 = tl.load(LSE2 + l_off, mask=offs_m < len_q, other=float("inf"))
     delta = tl.load(DELTA + l_off, mask=offs_m < len_q, other=0.0)
     k_base = K + b64 * skb + hk.to(tl.int64) * skh + k_row0 * skn
     v_base = V + b64 * svb + hk.to(tl.int64) * svh + k_row0 * svn
     dq = tl.zeros([BM, BD], tl.float32)
-    n0, n1, n2, n3 = band_blocks(m0, BM, len_q, len_k, win_left, win_right,
-                                 HAS_LEFT, HAS_RIGHT, BN)
+    n0, n1, n2, n3 = band_blocks(m0, BM, len_q, len_k, win_left, win_right, HAS_LEFT, HAS_RIGHT, BN)
     if HAS_LEFT:
-        dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, b, hk, skn,
-                        svn, offs_m, len_q, len_k, n0, n1, win_left, win_right, qk_scale, cap2,
-                        BN, BD, BDV, HEAD_D, HEAD_DV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, TMA,
-                        STAGES, UPCAST, PRECISION)
-    dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, b, hk, skn,
-                    svn, offs_m, len_q, len_k, n1, n2, win_left, win_right, qk_scale, cap2,
-                    BN, BD, BDV, HEAD_D, HEAD_DV, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, TMA,
-                    STAGES, UPCAST, PRECISION)
-    dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, b, hk, skn,
-                    svn, offs_m, len_q, len_k, n2, n3, win_left, win_right, qk_scale, cap2,
-                    BN, BD, BDV, HEAD_D, HEAD_DV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, TMA,
-                    STAGES, UPCAST, PRECISION)
+        dq = _dq_blocks(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            k_desc,
+            v_desc,
+            b,
+            hk,
+            skn,
+            svn,
+            offs_m,
+            len_q,
+            len_k,
+            n0,
+            n1,
+            win_left,
+            win_right,
+            qk_scale,
+            cap2,
+            BN,
+            BD,
+            BDV,
+            HEAD_D,
+            HEAD_DV,
+            True,
+            HAS_LEFT,
+            HAS_RIGHT,
+            SOFTCAP,
+            TMA,
+            STAGES,
+            UPCAST,
+            PRECISION,
+        )
+    dq = _dq_blocks(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        k_desc,
+        v_desc,
+        b,
+        hk,
+        skn,
+        svn,
+        offs_m,
+        len_q,
+        len_k,
+        n1,
+        n2,
+        win_left,
+        win_right,
+        qk_scale,
+        cap2,
+        BN,
+        BD,
+        BDV,
+        HEAD_D,
+        HEAD_DV,
+        False,
+        HAS_LEFT,
+        HAS_RIGHT,
+        SOFTCAP,
+        TMA,
+        STAGES,
+        UPCAST,
+        PRECISION,
+    )
+    dq = _dq_blocks(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        k_desc,
+        v_desc,
+        b,
+        hk,
+        skn,
+        svn,
+        offs_m,
+        len_q,
+        len_k,
+        n2,
+        n3,
+        win_left,
+        win_right,
+        qk_scale,
+        cap2,
+        BN,
+        BD,
+        BDV,
+        HEAD_D,
+        HEAD_DV,
+        True,
+        HAS_LEFT,
+        HAS_RIGHT,
+        SOFTCAP,
+        TMA,
+        STAGES,
+        UPCAST,
+        PRECISION,
+    )
     dq = dq * scale
     dq_ptrs = DQ + b64 * sdqb + h64 * sdqh + q_row * sdqn + rows[:, None] * sdqn
     row_ok = rows[:, None] < len_q - m0
     if HEAD_D == BD:
         tl.store(dq_ptrs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok)
     else:
-        tl.store(dq_ptrs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-                 mask=row_ok & (offs_d[None, :] < HEAD_D))
+        tl.store(
+            dq_ptrs + offs_d[None, :],
+            dq.to(DQ.dtype.element_ty),
+            mask=row_ok & (offs_d[None, :] < HEAD_D),
+        )

@@ -75,8 +75,12 @@ def pick(kernel: str, arch_name: str, head_block: int, band: bool) -> TileConfig
     names = [arch_name, "default"]
     for name in names:
         table = tables.get(name, {})
-        for key in (f"{kernel}/{head_block}/{mask}", f"{kernel}/{head_block}/*",
-                    f"{kernel}/*/{mask}", f"{kernel}/*/*"):
+        for key in (
+            f"{kernel}/{head_block}/{mask}",
+            f"{kernel}/{head_block}/*",
+            f"{kernel}/*/{mask}",
+            f"{kernel}/*/*",
+        ):
             if key in table:
                 return TileConfig(**table[key])
     raise KeyError(f"no tile config for {kernel}/{head_block}/{mask} on {arch_name}")

@@ -23,15 +23,46 @@ def _finite_max(m, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, skn, svn,
-                k_offs, v_offs, offs_m, len_q, len_k, n_lo, n_hi, win_left, win_right,
-                qk_scale, cap2,
-                BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                SOFTCAP: tl.constexpr, FOLD_MAX: tl.constexpr, TMA: tl.constexpr,
-                WS: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr):
+def _fwd_blocks(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    k_desc,
+    v_desc,
+    b,
+    hk,
+    skn,
+    svn,
+    k_offs,
+    v_offs,
+    offs_m,
+    len_q,
+    len_k,
+    n_lo,
+    n_hi,
+    win_left,
+    win_right,
+    qk_scale,
+    cap2,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    FOLD_MAX: tl.constexpr,
+    TMA: tl.constexpr,
+    WS: tl.constexpr,
+    STAGES: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Online softmax over key blocks [n_lo, n_hi); element masks only when MASKED."""
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
@@ -41,12 +72,27 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, skn, sv
         if TMA:
             k = k_desc.load([b, n0, hk, 0]).reshape(BN, BD)
         else:
-            k = load_tile(k_base + tl.cast(n0, tl.int64) * skn + k_offs, offs_n, len_k - n0,
-                          offs_d, HEAD_D, BD, MASKED)
+            k = load_tile(
+                k_base + tl.cast(n0, tl.int64) * skn + k_offs,
+                offs_n,
+                len_k - n0,
+                offs_d,
+                HEAD_D,
+                BD,
+                MASKED,
+            )
         qk = dot(q, tl.trans(k), None, UPCAST, PRECISION)
         if MASKED:
-            vis = band_mask(offs_m[:, None], n0 + offs_n[None, :], len_k, off,
-                            win_left, win_right, HAS_LEFT, HAS_RIGHT)
+            vis = band_mask(
+                offs_m[:, None],
+                n0 + offs_n[None, :],
+                len_k,
+                off,
+                win_left,
+                win_right,
+                HAS_LEFT,
+                HAS_RIGHT,
+            )
         if FOLD_MAX:
             # scale > 0 and no softcap: the max commutes with the scale, so the exponent
             # is one FMA per score (qk * qk_scale - m).
@@ -68,23 +114,72 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, skn, sv
         if TMA:
             v = v_desc.load([b, n0, hk, 0]).reshape(BN, BDV)
         else:
-            v = load_tile(v_base + tl.cast(n0, tl.int64) * svn + v_offs, offs_n, len_k - n0,
-                          offs_dv, HEAD_DV, BDV, MASKED)
+            v = load_tile(
+                v_base + tl.cast(n0, tl.int64) * svn + v_offs,
+                offs_n,
+                len_k - n0,
+                offs_dv,
+                HEAD_DV,
+                BDV,
+                MASKED,
+            )
         acc = dot(p.to(v.dtype), v, acc, UPCAST, PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def attn_fwd(Q, K, V, Out, LSE, CU_Q, CU_K, q_desc, k_desc, v_desc, o_desc,
-             sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, slb, slh,
-             Nq, Nk, Hq, GROUP, win_left, win_right, qk_scale, cap2,
-             HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-             VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-             SOFTCAP: tl.constexpr, FOLD_MAX: tl.constexpr, TMA: tl.constexpr,
-             WS: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr,
-             PRECISION: tl.constexpr):
+def attn_fwd(
+    Q,
+    K,
+    V,
+    Out,
+    LSE,
+    CU_Q,
+    CU_K,
+    q_desc,
+    k_desc,
+    v_desc,
+    o_desc,
+    sqb,
+    sqn,
+    sqh,
+    skb,
+    skn,
+    skh,
+    svb,
+    svn,
+    svh,
+    sob,
+    son,
+    soh,
+    slb,
+    slh,
+    Nq,
+    Nk,
+    Hq,
+    GROUP,
+    win_left,
+    win_right,
+    qk_scale,
+    cap2,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    FOLD_MAX: tl.constexpr,
+    TMA: tl.constexpr,
+    WS: tl.constexpr,
+    STAGES: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     # Heaviest query blocks (most keys under a causal mask) first: shorter tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -121,30 +216,141 @@ def attn_fwd(Q, K, V, Out, LSE, CU_Q, CU_K, q_desc, k_desc, v_desc, o_desc,
     if TMA:
         q = q_desc.load([b, m0, h, 0]).reshape(BM, BD)
     else:
-        q = load_tile(q_base + tl.arange(0, BM)[:, None] * sqn + offs_d[None, :],
-                      tl.arange(0, BM), len_q - m0, offs_d, HEAD_D, BD, True)
+        q = load_tile(
+            q_base + tl.arange(0, BM)[:, None] * sqn + offs_d[None, :],
+            tl.arange(0, BM),
+            len_q - m0,
+            offs_d,
+            HEAD_D,
+            BD,
+            True,
+        )
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)
-    n0, n1, n2, n3 = band_blocks(m0, BM, len_q, len_k, win_left, win_right,
-                                 HAS_LEFT, HAS_RIGHT, BN)
+    n0, n1, n2, n3 = band_blocks(m0, BM, len_q, len_k, win_left, win_right, HAS_LEFT, HAS_RIGHT, BN)
     if HAS_LEFT:
         acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, skn, svn, k_offs, v_offs,
-            offs_m, len_q, len_k, n0, n1, win_left, win_right, qk_scale, cap2,
-            BN, BD, BDV, HEAD_D, HEAD_DV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, FOLD_MAX, TMA,
-            False, STAGES, UPCAST, PRECISION)
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            k_desc,
+            v_desc,
+            b,
+            hk,
+            skn,
+            svn,
+            k_offs,
+            v_offs,
+            offs_m,
+            len_q,
+            len_k,
+            n0,
+            n1,
+            win_left,
+            win_right,
+            qk_scale,
+            cap2,
+            BN,
+            BD,
+            BDV,
+            HEAD_D,
+            HEAD_DV,
+            True,
+            HAS_LEFT,
+            HAS_RIGHT,
+            SOFTCAP,
+            FOLD_MAX,
+            TMA,
+            False,
+            STAGES,
+            UPCAST,
+            PRECISION,
+        )
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, skn, svn, k_offs, v_offs,
-        offs_m, len_q, len_k, n1, n2, win_left, win_right, qk_scale, cap2,
-        BN, BD, BDV, HEAD_D, HEAD_DV, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, FOLD_MAX, TMA,
-        WS, STAGES, UPCAST, PRECISION)
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        k_desc,
+        v_desc,
+        b,
+        hk,
+        skn,
+        svn,
+        k_offs,
+        v_offs,
+        offs_m,
+        len_q,
+        len_k,
+        n1,
+        n2,
+        win_left,
+        win_right,
+        qk_scale,
+        cap2,
+        BN,
+        BD,
+        BDV,
+        HEAD_D,
+        HEAD_DV,
+        False,
+        HAS_LEFT,
+        HAS_RIGHT,
+        SOFTCAP,
+        FOLD_MAX,
+        TMA,
+        WS,
+        STAGES,
+        UPCAST,
+        PRECISION,
+    )
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, skn, svn, k_offs, v_offs,
-        offs_m, len_q, len_k, n2, n3, win_left, win_right, qk_scale, cap2,
-        BN, BD, BDV, HEAD_D, HEAD_DV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, FOLD_MAX, TMA,
-        False, STAGES, UPCAST, PRECISION)
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        k_desc,
+        v_desc,
+        b,
+        hk,
+        skn,
+        svn,
+        k_offs,
+        v_offs,
+        offs_m,
+        len_q,
+        len_k,
+        n2,
+        n3,
+        win_left,
+        win_right,
+        qk_scale,
+        cap2,
+        BN,
+        BD,
+        BDV,
+        HEAD_D,
+        HEAD_DV,
+        True,
+        HAS_LEFT,
+        HAS_RIGHT,
+        SOFTCAP,
+        FOLD_MAX,
+        TMA,
+        False,
+        STAGES,
+        UPCAST,
+        PRECISION,
+    )
 
     # Rows that saw no key (l = 0): out = 0 and lse = -inf, without dividing by 0.
     seen = l_i > 0.0
@@ -152,8 +358,7 @@ def attn_fwd(Q, K, V, Out, LSE, CU_Q, CU_K, q_desc, k_desc, v_desc, o_desc,
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
     rows = tl.arange(0, BM)
-    tl.store(LSE + b64 * slb + h.to(tl.int64) * slh + q_start + offs_m, lse,
-             mask=offs_m < len_q)
+    tl.store(LSE + b64 * slb + h.to(tl.int64) * slh + q_start + offs_m, lse, mask=offs_m < len_q)
     if TMA:
         o_desc.store([b, m0, h, 0], out.to(Out.dtype.element_ty).reshape(1, BM, 1, BDV))
     else:

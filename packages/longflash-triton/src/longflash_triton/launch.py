@@ -55,12 +55,21 @@ def _shape(call: AttentionCall) -> _Shape:
     else:
         qk_scale, cap2 = call.scale / call.softcap, call.softcap * _LOG2E
     return _Shape(
-        varlen=call.varlen is not None, B=call.B, Nq=call.Nq, Nk=call.Nk, Hq=call.Hq,
-        Hk=call.Hk, group=call.group, BD=_block(call.Dqk), BDV=_block(call.Dv),
-        has_left=left is not None, has_right=right is not None,
+        varlen=call.varlen is not None,
+        B=call.B,
+        Nq=call.Nq,
+        Nk=call.Nk,
+        Hq=call.Hq,
+        Hk=call.Hk,
+        group=call.group,
+        BD=_block(call.Dqk),
+        BDV=_block(call.Dv),
+        has_left=left is not None,
+        has_right=right is not None,
         left=0 if left is None else min(left, _WIDE),
         right=0 if right is None else min(right, _WIDE),
-        qk_scale=qk_scale, cap2=cap2,
+        qk_scale=qk_scale,
+        cap2=cap2,
         fold_max=call.softcap is None and call.scale > 0,
     )
 
@@ -107,8 +116,13 @@ def _desc(x: torch.Tensor, rows: int, cols: int):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, cols])
 
 
-def forward(call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            cfg: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(
+    call: AttentionCall,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     s = _shape(call)
     if s.varlen:
@@ -128,28 +142,72 @@ def forward(call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             cfg = configs.interpreter_tiles(cfg, s.Nq, s.Nk)
     upcast, precision = _precision(q)
     tma = _tma_ok(cfg, arch, s, call, q, k, v, out)
-    descs = ((_desc(q, cfg.BM, s.BD), _desc(k, cfg.BN, s.BD), _desc(v, cfg.BN, s.BDV),
-              _desc(out, cfg.BM, s.BDV)) if tma else (None, None, None, None))
+    descs = (
+        (
+            _desc(q, cfg.BM, s.BD),
+            _desc(k, cfg.BN, s.BD),
+            _desc(v, cfg.BN, s.BDV),
+            _desc(out, cfg.BM, s.BDV),
+        )
+        if tma
+        else (None, None, None, None)
+    )
     cu_q, cu_k = (call.varlen.cu_seqlens_q, call.varlen.cu_seqlens_k) if s.varlen else (q, k)
     grid = (triton.cdiv(s.Nq, cfg.BM), s.B * s.Hq)
     attn_fwd[grid](
-        q, k, v, out, lse, cu_q, cu_k, *descs,
-        *_strides(q, s.varlen), *_strides(k, s.varlen), *_strides(v, s.varlen),
-        *_strides(out, s.varlen), *_lse_strides(lse, s.varlen),
-        s.Nq, s.Nk, s.Hq, s.group, s.left, s.right, s.qk_scale, s.cap2,
-        HEAD_D=call.Dqk, HEAD_DV=call.Dv, BM=cfg.BM, BN=cfg.BN, BD=s.BD, BDV=s.BDV,
-        VARLEN=s.varlen, HAS_LEFT=s.has_left, HAS_RIGHT=s.has_right,
-        SOFTCAP=call.softcap is not None, FOLD_MAX=s.fold_max, TMA=tma, WS=cfg.ws and tma,
-        STAGES=cfg.stages, UPCAST=upcast, PRECISION=precision,
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_q,
+        cu_k,
+        *descs,
+        *_strides(q, s.varlen),
+        *_strides(k, s.varlen),
+        *_strides(v, s.varlen),
+        *_strides(out, s.varlen),
+        *_lse_strides(lse, s.varlen),
+        s.Nq,
+        s.Nk,
+        s.Hq,
+        s.group,
+        s.left,
+        s.right,
+        s.qk_scale,
+        s.cap2,
+        HEAD_D=call.Dqk,
+        HEAD_DV=call.Dv,
+        BM=cfg.BM,
+        BN=cfg.BN,
+        BD=s.BD,
+        BDV=s.BDV,
+        VARLEN=s.varlen,
+        HAS_LEFT=s.has_left,
+        HAS_RIGHT=s.has_right,
+        SOFTCAP=call.softcap is not None,
+        FOLD_MAX=s.fold_max,
+        TMA=tma,
+        WS=cfg.ws and tma,
+        STAGES=cfg.stages,
+        UPCAST=upcast,
+        PRECISION=precision,
+        num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )
     return out, lse
 
 
-def backward(call: AttentionCall, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-             cfgs: tuple[TileConfig, TileConfig] | None = None,
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def backward(
+    call: AttentionCall,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cfgs: tuple[TileConfig, TileConfig] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, out, dout = (_unit_last(x) for x in (q, k, v, out, dout))
     lse = lse.contiguous()
     s = _shape(call)
@@ -180,41 +238,128 @@ def backward(call: AttentionCall, dout: torch.Tensor, q: torch.Tensor, k: torch.
     else:
         prep_b, prep_n = s.B, s.Nq
     attn_bwd_prep[(triton.cdiv(prep_n, _PREP_BM), prep_b * s.Hq)](
-        out, dout, lse, delta, lse2, *_strides(out, s.varlen), *_strides(dout, s.varlen),
-        *_lse_strides(lse, s.varlen), prep_n, s.Hq,
-        HEAD_DV=call.Dv, BM=_PREP_BM, BDV=s.BDV, num_warps=4,
+        out,
+        dout,
+        lse,
+        delta,
+        lse2,
+        *_strides(out, s.varlen),
+        *_strides(dout, s.varlen),
+        *_lse_strides(lse, s.varlen),
+        prep_n,
+        s.Hq,
+        HEAD_DV=call.Dv,
+        BM=_PREP_BM,
+        BDV=s.BDV,
+        num_warps=4,
     )
 
     cu_q, cu_k = (call.varlen.cu_seqlens_q, call.varlen.cu_seqlens_k) if s.varlen else (q, k)
-    common = dict(HEAD_D=call.Dqk, HEAD_DV=call.Dv, BD=s.BD, BDV=s.BDV, VARLEN=s.varlen,
-                  HAS_LEFT=s.has_left, HAS_RIGHT=s.has_right,
-                  SOFTCAP=call.softcap is not None, UPCAST=upcast, PRECISION=precision)
-    strides_in = (*_strides(q, s.varlen), *_strides(k, s.varlen), *_strides(v, s.varlen),
-                  *_strides(dout, s.varlen))
+    common = dict(
+        HEAD_D=call.Dqk,
+        HEAD_DV=call.Dv,
+        BD=s.BD,
+        BDV=s.BDV,
+        VARLEN=s.varlen,
+        HAS_LEFT=s.has_left,
+        HAS_RIGHT=s.has_right,
+        SOFTCAP=call.softcap is not None,
+        UPCAST=upcast,
+        PRECISION=precision,
+    )
+    strides_in = (
+        *_strides(q, s.varlen),
+        *_strides(k, s.varlen),
+        *_strides(v, s.varlen),
+        *_strides(dout, s.varlen),
+    )
 
     tma = _tma_ok(cfg_kv, arch, s, call, q, k, v, dout)
-    descs = ((_desc(q, cfg_kv.BM, s.BD), _desc(k, cfg_kv.BN, s.BD),
-              _desc(v, cfg_kv.BN, s.BDV), _desc(dout, cfg_kv.BM, s.BDV))
-             if tma else (None,) * 4)
+    descs = (
+        (
+            _desc(q, cfg_kv.BM, s.BD),
+            _desc(k, cfg_kv.BN, s.BD),
+            _desc(v, cfg_kv.BN, s.BDV),
+            _desc(dout, cfg_kv.BM, s.BDV),
+        )
+        if tma
+        else (None,) * 4
+    )
     if s.Nk > 0:  # otherwise dk and dv are empty
         attn_bwd_dkdv[(triton.cdiv(s.Nk, cfg_kv.BN), s.B * s.Hk)](
-            q, k, v, dout, lse2, delta, dk, dv, cu_q, cu_k, *descs, *strides_in,
-            *_strides(dk, s.varlen), *_strides(dv, s.varlen), *_lse_strides(lse, s.varlen),
-            s.Nq, s.Nk, s.Hk, s.group, s.left, s.right, s.qk_scale, call.scale, s.cap2,
-            BM=cfg_kv.BM, BN=cfg_kv.BN, TMA=tma, STAGES=cfg_kv.stages, **common,
-            num_warps=cfg_kv.warps, num_stages=cfg_kv.stages,
+            q,
+            k,
+            v,
+            dout,
+            lse2,
+            delta,
+            dk,
+            dv,
+            cu_q,
+            cu_k,
+            *descs,
+            *strides_in,
+            *_strides(dk, s.varlen),
+            *_strides(dv, s.varlen),
+            *_lse_strides(lse, s.varlen),
+            s.Nq,
+            s.Nk,
+            s.Hk,
+            s.group,
+            s.left,
+            s.right,
+            s.qk_scale,
+            call.scale,
+            s.cap2,
+            BM=cfg_kv.BM,
+            BN=cfg_kv.BN,
+            TMA=tma,
+            STAGES=cfg_kv.stages,
+            **common,
+            num_warps=cfg_kv.warps,
+            num_stages=cfg_kv.stages,
         )
 
     tma = _tma_ok(cfg_q, arch, s, call, q, k, v, dout)
-    descs = ((_desc(q, cfg_q.BM, s.BD), _desc(k, cfg_q.BN, s.BD),
-              _desc(v, cfg_q.BN, s.BDV), _desc(dout, cfg_q.BM, s.BDV))
-             if tma else (None,) * 4)
+    descs = (
+        (
+            _desc(q, cfg_q.BM, s.BD),
+            _desc(k, cfg_q.BN, s.BD),
+            _desc(v, cfg_q.BN, s.BDV),
+            _desc(dout, cfg_q.BM, s.BDV),
+        )
+        if tma
+        else (None,) * 4
+    )
     attn_bwd_dq[(triton.cdiv(s.Nq, cfg_q.BM), s.B * s.Hq)](
-        q, k, v, dout, lse2, delta, dq, cu_q, cu_k, *descs, *strides_in,
-        *_strides(dq, s.varlen), *_lse_strides(lse, s.varlen),
-        s.Nq, s.Nk, s.Hq, s.group, s.left, s.right, s.qk_scale, call.scale, s.cap2,
-        BM=cfg_q.BM, BN=cfg_q.BN, TMA=tma, STAGES=cfg_q.stages, **common,
-        num_warps=cfg_q.warps, num_stages=cfg_q.stages,
+        q,
+        k,
+        v,
+        dout,
+        lse2,
+        delta,
+        dq,
+        cu_q,
+        cu_k,
+        *descs,
+        *strides_in,
+        *_strides(dq, s.varlen),
+        *_lse_strides(lse, s.varlen),
+        s.Nq,
+        s.Nk,
+        s.Hq,
+        s.group,
+        s.left,
+        s.right,
+        s.qk_scale,
+        call.scale,
+        s.cap2,
+        BM=cfg_q.BM,
+        BN=cfg_q.BN,
+        TMA=tma,
+        STAGES=cfg_q.stages,
+        **common,
+        num_warps=cfg_q.warps,
+        num_stages=cfg_q.stages,
     )
     return dq, dk, dv
-

@@ -19,8 +19,17 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def band_blocks(r0, R: tl.constexpr, len_r, len_c, lo_w, hi_w,
-                HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, C: tl.constexpr):
+def band_blocks(
+    r0,
+    R: tl.constexpr,
+    len_r,
+    len_c,
+    lo_w,
+    hi_w,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    C: tl.constexpr,
+):
     """Column blocks (of C) that rows [r0, r0 + R) can see, split as
     masked [c0, c1), mask-free [c1, c2), masked [c2, c3); offsets are multiples of C.
 
@@ -91,16 +100,18 @@ def dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def load_tile(ptrs, rows, n_rows, cols, N_COLS: tl.constexpr, BCOLS: tl.constexpr,
-              CHECK_ROWS: tl.constexpr):
+def load_tile(
+    ptrs, rows, n_rows, cols, N_COLS: tl.constexpr, BCOLS: tl.constexpr, CHECK_ROWS: tl.constexpr
+):
     """Load a (rows x cols) tile; rows >= n_rows and cols >= N_COLS read as 0. The masks
     are built only when needed so that the mask-free loops load without predicates."""
     if CHECK_ROWS:
         if N_COLS == BCOLS:
             return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
         else:
-            return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS),
-                           other=0.0)
+            return tl.load(
+                ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS), other=0.0
+            )
     else:
         if N_COLS == BCOLS:
             return tl.load(ptrs)

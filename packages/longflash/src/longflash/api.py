@@ -22,8 +22,7 @@ def _frontend(x: Any) -> ModuleType:
 
         return fe
     raise TypeError(
-        f"q must be a torch.Tensor or a jax.Array, got {type(x).__module__}."
-        f"{type(x).__name__}"
+        f"q must be a torch.Tensor or a jax.Array, got {type(x).__module__}.{type(x).__name__}"
     )
 
 
@@ -64,8 +63,15 @@ def attention(
         Rows that see no key give out = 0 and lse = -inf.
     """
     return _frontend(q).attention(
-        q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
-        return_lse=return_lse, backend=backend,
+        q,
+        k,
+        v,
+        causal=causal,
+        scale=scale,
+        window=window,
+        softcap=softcap,
+        return_lse=return_lse,
+        backend=backend,
     )
 
 
@@ -107,9 +113,19 @@ def attention_varlen(
         out (total_q, heads_q, head_dim_v), or (out, lse) with lse (heads_q, total_q).
     """
     return _frontend(q).attention_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, causal=causal, scale=scale, window=window,
-        softcap=softcap, return_lse=return_lse, backend=backend,
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        causal=causal,
+        scale=scale,
+        window=window,
+        softcap=softcap,
+        return_lse=return_lse,
+        backend=backend,
     )
 
 

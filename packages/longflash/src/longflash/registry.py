@@ -133,9 +133,7 @@ class Registry:
                         "not implement the Backend protocol"
                     )
                 if backend.name != name:
-                    raise ValueError(
-                        f"entry point {name!r} gave a backend named {backend.name!r}"
-                    )
+                    raise ValueError(f"entry point {name!r} gave a backend named {backend.name!r}")
             except Exception as exc:
                 log.debug("backend %s failed to load", name, exc_info=True)
                 backend = _Unavailable(name, f"failed to load {obj.value}: {exc!r}")
@@ -149,8 +147,10 @@ class Registry:
         if not _is_backend(backend):
             raise TypeError(f"{backend!r} does not implement the Backend protocol")
         backends = self._discover()
-        if backend.name in backends and not replace and not isinstance(
-            backends[backend.name], (_Unavailable, metadata.EntryPoint)
+        if (
+            backend.name in backends
+            and not replace
+            and not isinstance(backends[backend.name], (_Unavailable, metadata.EntryPoint))
         ):
             raise ValueError(f"a backend named {backend.name!r} is already registered")
         backends[backend.name] = backend

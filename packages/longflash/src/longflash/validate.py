@@ -57,9 +57,7 @@ def _check_window(window: Any) -> Window | None:
         if isinstance(w, bool) or not isinstance(w, int):
             raise TypeError(f"window {side} must be an int >= 0 or None, got {w!r}")
         if w < 0:
-            raise ValueError(
-                f"window {side} must be >= 0 (None means unbounded), got {w}"
-            )
+            raise ValueError(f"window {side} must be >= 0 (None means unbounded), got {w}")
         out.append(w)
     return (out[0], out[1])
 
@@ -87,9 +85,7 @@ def _common(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, seq_axes: int) -> None:
             f"k and v must have the same sequence length, got k {k.shape} and v {v.shape}"
         )
     if hk == 0 or hq % hk != 0:
-        raise ValueError(
-            f"q heads ({hq}) must be a multiple of k/v heads ({hk}) for MQA/GQA"
-        )
+        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hk}) for MQA/GQA")
     if dqk == 0 or v.shape[seq_axes + 1] == 0:
         raise ValueError("head_dim must be > 0")
 
@@ -118,8 +114,21 @@ def make_call(
             f"{v.shape[0]}"
         )
     _common(q, k, v, seq_axes=2)
-    return _build(framework, q, k, v, q.shape[0], q.shape[1], k.shape[1], 2,
-                  causal, scale, window, softcap, None)
+    return _build(
+        framework,
+        q,
+        k,
+        v,
+        q.shape[0],
+        q.shape[1],
+        k.shape[1],
+        2,
+        causal,
+        scale,
+        window,
+        softcap,
+        None,
+    )
 
 
 def make_varlen_call(
@@ -163,8 +172,7 @@ def make_varlen_call(
     msq = _check_maxlen("max_seqlen_q", max_seqlen_q, q.shape[0])
     msk = _check_maxlen("max_seqlen_k", max_seqlen_k, k.shape[0])
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
-    return _build(framework, q, k, v, batch, msq, msk, 1, causal, scale, window, softcap,
-                  varlen)
+    return _build(framework, q, k, v, batch, msq, msk, 1, causal, scale, window, softcap, varlen)
 
 
 def _check_maxlen(name: str, value: Any, total: int) -> int:
@@ -190,13 +198,12 @@ def check_cu_seqlens(name: str, values: Any, total: int) -> None:
                 f"{name}[{i}] = {vals[i]} < {name}[{i - 1}] = {vals[i - 1]}"
             )
     if vals[-1] != total:
-        raise ValueError(
-            f"{name}[-1] = {vals[-1]} must equal the packed length {total}"
-        )
+        raise ValueError(f"{name}[-1] = {vals[-1]} must equal the packed length {total}")
 
 
-def _build(framework, q, k, v, batch, nq, nk, seq_axes, causal, scale, window, softcap,
-           varlen) -> AttentionCall:
+def _build(
+    framework, q, k, v, batch, nq, nk, seq_axes, causal, scale, window, softcap, varlen
+) -> AttentionCall:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     dqk = q.shape[seq_axes + 1]

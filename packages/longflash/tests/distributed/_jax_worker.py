@@ -48,8 +48,9 @@ def run_case(case: dict, mesh) -> dict:
         return fn(q, k, v, axis_name=AXIS, return_lse=True, **kwargs)
 
     seq = Spec(None, AXIS)
-    sharded = jax.shard_map(body, mesh=mesh, in_specs=(seq, seq, seq),
-                            out_specs=(seq, Spec(None, None, AXIS)))
+    sharded = jax.shard_map(
+        body, mesh=mesh, in_specs=(seq, seq, seq), out_specs=(seq, Spec(None, None, AXIS))
+    )
 
     def to_shards(x):  # global order -> the shards concatenated in rank order
         x = np.concatenate([lfd.shard_sequence(x, r, world, layout) for r in range(world)], 1)
@@ -72,14 +73,23 @@ def run_case(case: dict, mesh) -> dict:
 
     (_, (ref_out, ref_lse)), ref_grads = jax.jit(_grads(single, q, k, v, dout))(q, k, v)
 
-    local = [single(*(lfd.shard_sequence(x, r, world, layout) for x in (q, k, v)))[0]
-             for r in range(world)]
+    local = [
+        single(*(lfd.shard_sequence(x, r, world, layout) for x in (q, k, v)))[0]
+        for r in range(world)
+    ]
     return {
-        "out": from_shards(out), "lse": from_shards(lse, 2),
-        "dq": from_shards(grads[0]), "dk": from_shards(grads[1]), "dv": from_shards(grads[2]),
-        "ref": {"out": np.asarray(ref_out), "lse": np.asarray(ref_lse),
-                "dq": np.asarray(ref_grads[0]), "dk": np.asarray(ref_grads[1]),
-                "dv": np.asarray(ref_grads[2])},
+        "out": from_shards(out),
+        "lse": from_shards(lse, 2),
+        "dq": from_shards(grads[0]),
+        "dk": from_shards(grads[1]),
+        "dv": from_shards(grads[2]),
+        "ref": {
+            "out": np.asarray(ref_out),
+            "lse": np.asarray(ref_lse),
+            "dq": np.asarray(ref_grads[0]),
+            "dk": np.asarray(ref_grads[1]),
+            "dv": np.asarray(ref_grads[2]),
+        },
         "local": lfd.unshard_sequence([np.asarray(x) for x in local], layout),
         "ppermute": jaxpr.count("ppermute["),
         "all_to_all": jaxpr.count("all_to_all["),

@@ -47,8 +47,9 @@ def run_case(case: dict, rank: int, world: int, counter: Counter) -> dict:
     kwargs = dict(case["kwargs"])
     if case["fn"] == "ring":
         kwargs["layout"] = layout
-    q, k, v = (lfd.shard_sequence(case[n], rank, world, layout).requires_grad_()
-               for n in ("q", "k", "v"))
+    q, k, v = (
+        lfd.shard_sequence(case[n], rank, world, layout).requires_grad_() for n in ("q", "k", "v")
+    )
     dout = lfd.shard_sequence(case["dout"], rank, world, layout)
     counter.take()
     try:
@@ -59,15 +60,26 @@ def run_case(case: dict, rank: int, world: int, counter: Counter) -> dict:
     (out * dout).sum().backward()
     bwd = counter.take()
     return {
-        "out": out.detach(), "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad,
-        "out_requires_grad": out.requires_grad, "fwd": fwd, "bwd": bwd,
+        "out": out.detach(),
+        "lse": lse,
+        "dq": q.grad,
+        "dk": k.grad,
+        "dv": v.grad,
+        "out_requires_grad": out.requires_grad,
+        "fwd": fwd,
+        "bwd": bwd,
     }
 
 
 def main() -> None:
     rank, world, where = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    dist.init_process_group("gloo", init_method=f"file://{where}/rendezvous", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{where}/rendezvous",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
+    )
     torch.set_num_threads(1)  # P processes share the machine's few cores
     counter = Counter()
     cases = torch.load(f"{where}/cases.pt")

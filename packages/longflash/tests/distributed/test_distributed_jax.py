@@ -32,23 +32,59 @@ def _cases() -> dict[str, dict]:
         for layout in ("zigzag", "contiguous"):
             for causal in (True, False):
                 cases[f"ring-{layout}-{'causal' if causal else 'full'}-{dtype}-gqa"] = dict(
-                    fn="ring", layout=layout, dtype=dtype, hq=4, hk=2, dv=16,
-                    kwargs=dict(causal=causal, backend="reference"))
+                    fn="ring",
+                    layout=layout,
+                    dtype=dtype,
+                    hq=4,
+                    hk=2,
+                    dv=16,
+                    kwargs=dict(causal=causal, backend="reference"),
+                )
     cases["ring-zigzag-causal-float64-mqa-softcap-dv8"] = dict(
-        fn="ring", layout="zigzag", dtype="float64", hq=4, hk=1, dv=8,
-        kwargs=dict(causal=True, softcap=5.0, scale=0.3, backend="reference"))
+        fn="ring",
+        layout="zigzag",
+        dtype="float64",
+        hq=4,
+        hk=1,
+        dv=8,
+        kwargs=dict(causal=True, softcap=5.0, scale=0.3, backend="reference"),
+    )
     cases["ulysses-causal-float64-gqa"] = dict(
-        fn="ulysses", layout="contiguous", dtype="float64", hq=8, hk=4, dv=16,
-        kwargs=dict(causal=True, backend="reference"))
+        fn="ulysses",
+        layout="contiguous",
+        dtype="float64",
+        hq=8,
+        hk=4,
+        dv=16,
+        kwargs=dict(causal=True, backend="reference"),
+    )
     cases["ulysses-window-float32"] = dict(
-        fn="ulysses", layout="contiguous", dtype="float32", hq=4, hk=4, dv=16,
-        kwargs=dict(window=(9, 2), backend="reference"))
+        fn="ulysses",
+        layout="contiguous",
+        dtype="float32",
+        hq=4,
+        hk=4,
+        dv=16,
+        kwargs=dict(window=(9, 2), backend="reference"),
+    )
     cases["ulysses-heads-not-divisible"] = dict(
-        fn="ulysses", layout="contiguous", dtype="float32", hq=6, hk=2, dv=16,
-        kwargs=dict(causal=True, backend="reference"))
+        fn="ulysses",
+        layout="contiguous",
+        dtype="float32",
+        hq=6,
+        hk=2,
+        dv=16,
+        kwargs=dict(causal=True, backend="reference"),
+    )
     cases["ring-window"] = dict(
-        fn="ring", layout="zigzag", dtype="float32", hq=2, hk=2, dv=16,
-        kwargs=dict(window=(8, 0), backend="reference"))
+        fn="ring",
+        layout="zigzag",
+        dtype="float32",
+        hq=2,
+        hk=2,
+        dv=16,
+        kwargs=dict(window=(8, 0), backend="reference"),
+    )
     return cases
 
 
@@ -58,16 +94,30 @@ def results(tmp_path_factory):
     rng = np.random.default_rng(0)
     cases = {}
     for name, case in _cases().items():
-        shapes = {"q": (case["hq"], HEAD_DIM), "k": (case["hk"], HEAD_DIM),
-                  "v": (case["hk"], case["dv"]), "dout": (case["hq"], case["dv"])}
-        cases[name] = {**case, **{n: rng.standard_normal((BATCH, SEQ, *s))
-                                  for n, s in shapes.items()}}
+        shapes = {
+            "q": (case["hq"], HEAD_DIM),
+            "k": (case["hk"], HEAD_DIM),
+            "v": (case["hk"], case["dv"]),
+            "dout": (case["hq"], case["dv"]),
+        }
+        cases[name] = {
+            **case,
+            **{n: rng.standard_normal((BATCH, SEQ, *s)) for n, s in shapes.items()},
+        }
     with open(where / "cases.pkl", "wb") as f:
         pickle.dump(cases, f)
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={WORLD}",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(WORKER), str(where)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={WORLD}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(where)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(where / "results.pkl", "rb") as f:
         return cases, pickle.load(f)

@@ -29,8 +29,8 @@ def test_blocks_cover_each_visible_pair_once(world, layout, causal):
             theirs = _global_tokens(source_rank(rank, step, world), world, layout, total)
             rows_used = np.zeros(local, dtype=bool)
             for b in lfd.step_blocks(rank, step, world, layout, causal, local):
-                assert not rows_used[b.q0:b.q1].any(), "blocks of one step share rows"
-                rows_used[b.q0:b.q1] = True
+                assert not rows_used[b.q0 : b.q1].any(), "blocks of one step share rows"
+                rows_used[b.q0 : b.q1] = True
                 off = b.nk - b.nq  # bottom-right aligned, as the backends apply it
                 for i in range(b.nq):
                     for j in range(b.nk):
@@ -80,11 +80,13 @@ def test_zigzag_shard_is_chunks_r_and_2p_minus_1_minus_r():
 
 def test_shard_frameworks_keep_their_types():
     import torch
+
     t = torch.arange(24.0).reshape(1, 12, 2)
     s = [lfd.shard_sequence(t, r, 3, "zigzag") for r in range(3)]
     assert isinstance(s[0], torch.Tensor)
     assert torch.equal(lfd.unshard_sequence(s, "zigzag"), t)
     import jax.numpy as jnp
+
     j = jnp.arange(24.0).reshape(1, 12, 2)
     s = [lfd.shard_sequence(j, r, 3, "zigzag") for r in range(3)]
     np.testing.assert_array_equal(np.asarray(lfd.unshard_sequence(s, "zigzag")), np.asarray(j))

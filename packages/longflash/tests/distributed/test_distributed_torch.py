@@ -36,20 +36,51 @@ def _cases(world: int) -> dict[str, dict]:
         for layout in ("zigzag", "contiguous"):
             for causal in (True, False):
                 name = f"ring-{layout}-{'causal' if causal else 'full'}-{dt}-gqa"
-                cases[name] = dict(fn="ring", layout=layout, dtype=dtype, hq=4, hk=2, dv=16,
-                                   kwargs=dict(causal=causal, backend="reference"))
+                cases[name] = dict(
+                    fn="ring",
+                    layout=layout,
+                    dtype=dtype,
+                    hq=4,
+                    hk=2,
+                    dv=16,
+                    kwargs=dict(causal=causal, backend="reference"),
+                )
         cases[f"ring-zigzag-causal-{dt}-mqa-softcap-dv8"] = dict(
-            fn="ring", layout="zigzag", dtype=dtype, hq=4, hk=1, dv=8,
-            kwargs=dict(causal=True, softcap=5.0, scale=0.3, backend="reference"))
+            fn="ring",
+            layout="zigzag",
+            dtype=dtype,
+            hq=4,
+            hk=1,
+            dv=8,
+            kwargs=dict(causal=True, softcap=5.0, scale=0.3, backend="reference"),
+        )
         cases[f"ulysses-causal-{dt}-gqa"] = dict(
-            fn="ulysses", layout="contiguous", dtype=dtype, hq=2 * world, hk=world, dv=16,
-            kwargs=dict(causal=True, backend="reference"))
+            fn="ulysses",
+            layout="contiguous",
+            dtype=dtype,
+            hq=2 * world,
+            hk=world,
+            dv=16,
+            kwargs=dict(causal=True, backend="reference"),
+        )
         cases[f"ulysses-window-{dt}"] = dict(
-            fn="ulysses", layout="contiguous", dtype=dtype, hq=world, hk=world, dv=16,
-            kwargs=dict(window=(7, 3), backend="reference"))
+            fn="ulysses",
+            layout="contiguous",
+            dtype=dtype,
+            hq=world,
+            hk=world,
+            dv=16,
+            kwargs=dict(window=(7, 3), backend="reference"),
+        )
     cases["ulysses-heads-not-divisible"] = dict(
-        fn="ulysses", layout="contiguous", dtype=torch.float32, hq=world + 1, hk=1, dv=16,
-        kwargs=dict(causal=True, backend="reference"))
+        fn="ulysses",
+        layout="contiguous",
+        dtype=torch.float32,
+        hq=world + 1,
+        hk=1,
+        dv=16,
+        kwargs=dict(causal=True, backend="reference"),
+    )
     return cases
 
 
@@ -69,15 +100,22 @@ def world(request, tmp_path_factory):
     """(P, cases with inputs, per-rank results): one run of P processes for all cases."""
     p = request.param
     where = tmp_path_factory.mktemp(f"gloo{p}")
-    cases = {name: {**case, **_inputs(case, seed)}
-             for seed, (name, case) in enumerate(_cases(p).items())}
+    cases = {
+        name: {**case, **_inputs(case, seed)} for seed, (name, case) in enumerate(_cases(p).items())
+    }
     torch.save(cases, where / "cases.pt")
     # gloo over the loopback device unless told otherwise: sandboxes often cannot
     # resolve their own hostname.
     env = {"GLOO_SOCKET_IFNAME": "lo", **os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(p), str(where)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-             for r in range(p)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(r), str(p), str(where)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for r in range(p)
+    ]
     logs = []
     for proc in procs:
         try:
@@ -120,8 +158,10 @@ def test_matches_single_device(world, name):
         assert "error" not in r[name], r[name].get("error")
     out, lse, dq, dk, dv = _single_device(case)
     got = {
-        "out": _gather(ranks, name, "out", layout), "lse": _gather(ranks, name, "lse", layout, 2),
-        "dq": _gather(ranks, name, "dq", layout), "dk": _gather(ranks, name, "dk", layout),
+        "out": _gather(ranks, name, "out", layout),
+        "lse": _gather(ranks, name, "lse", layout, 2),
+        "dq": _gather(ranks, name, "dq", layout),
+        "dk": _gather(ranks, name, "dk", layout),
         "dv": _gather(ranks, name, "dv", layout),
     }
     want = {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
@@ -216,13 +256,19 @@ def test_one_rank_ring_is_attention(causal):
     from longflash.frontends.torch import make_call
 
     g = torch.Generator().manual_seed(7)
-    q, k, v, dout = (torch.randn(2, 24, h, 16, generator=g, dtype=torch.float64)
-                     for h in (4, 2, 2, 4))
+    q, k, v, dout = (
+        torch.randn(2, 24, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4)
+    )
     cfg = RingConfig(make_call(q, k, v), "reference", 0, 1, "zigzag", causal)
     out, lse, step_lse = ring_forward(q, k, v, cfg, NoComm(0, 1))
     grads = ring_backward(dout, q, k, v, out, lse, step_lse, cfg, NoComm(0, 1))
-    case = {"q": q, "k": k, "v": v, "dout": dout,
-            "kwargs": {"causal": causal, "backend": "reference"}}
+    case = {
+        "q": q,
+        "k": k,
+        "v": v,
+        "dout": dout,
+        "kwargs": {"causal": causal, "backend": "reference"},
+    }
     want = _single_device(case)
     for got, ref in zip((out, lse, *grads), want):
         assert _rel(got, ref) < TOL[torch.float64]

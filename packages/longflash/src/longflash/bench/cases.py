@@ -28,16 +28,35 @@ class Grid:
 # The GPU grid of DESIGN §7. B·N is held fixed (the same tokens per batch at every length,
 # so the work grows linearly in N) and heads·head_dim = 2048, the width of a ~1B-parameter
 # model: the convention of published attention benchmarks, so figures compare directly.
-GPU_GRID = Grid(head_dims=(64, 128, 256), seqlens=(1024, 2048, 4096, 8192, 16384),
-                long_seqlens=(32768, 65536, 131072), batch_tokens=16 * 1024, heads=None,
-                model_width=2048, dtype="bfloat16")
+GPU_GRID = Grid(
+    head_dims=(64, 128, 256),
+    seqlens=(1024, 2048, 4096, 8192, 16384),
+    long_seqlens=(32768, 65536, 131072),
+    batch_tokens=16 * 1024,
+    heads=None,
+    model_width=2048,
+    dtype="bfloat16",
+)
 # Sized for about a minute on two idle cores with the default contenders.
-CPU_GRID = Grid(head_dims=(64,), seqlens=(256, 512, 1024, 2048),
-                long_seqlens=(4096, 8192, 16384), batch_tokens=2048, heads=4,
-                model_width=None, dtype="float32")
+CPU_GRID = Grid(
+    head_dims=(64,),
+    seqlens=(256, 512, 1024, 2048),
+    long_seqlens=(4096, 8192, 16384),
+    batch_tokens=2048,
+    heads=4,
+    model_width=None,
+    dtype="float32",
+)
 # --quick: a few seconds, for tests and CI.
-QUICK_GRID = Grid(head_dims=(32,), seqlens=(128, 256), long_seqlens=(), batch_tokens=256,
-                  heads=2, model_width=None, dtype="float32")
+QUICK_GRID = Grid(
+    head_dims=(32,),
+    seqlens=(128, 256),
+    long_seqlens=(),
+    batch_tokens=256,
+    heads=2,
+    model_width=None,
+    dtype="float32",
+)
 
 
 @dataclass(frozen=True)
@@ -90,9 +109,18 @@ class Case:
         """Matrix-product FLOPs by the usual convention (AttentionCall.flops):
         4·B·Hq·Nq·Nk·(Dqk+Dv)/2 forward, halved when causal, 2.5x for the backward."""
         call = AttentionCall(
-            framework="none", device="none", dtype=self.dtype, B=self.B, Nq=self.Nq,
-            Nk=self.Nk, Hq=self.Hq, Hk=self.Hk, Dqk=self.Dqk, Dv=self.Dv,
-            causal=self.causal, scale=self.scale,
+            framework="none",
+            device="none",
+            dtype=self.dtype,
+            B=self.B,
+            Nq=self.Nq,
+            Nk=self.Nk,
+            Hq=self.Hq,
+            Hk=self.Hk,
+            Dqk=self.Dqk,
+            Dv=self.Dv,
+            causal=self.causal,
+            scale=self.scale,
         )
         return call.flops(backward=self.direction == "bwd")
 
@@ -104,8 +132,17 @@ class Case:
         return d
 
 
-def attention_flops(B: int, H: int, Nq: int, Nk: int, Dqk: int, Dv: int | None = None, *,
-                    causal: bool = False, direction: str = "fwd") -> float:
+def attention_flops(
+    B: int,
+    H: int,
+    Nq: int,
+    Nk: int,
+    Dqk: int,
+    Dv: int | None = None,
+    *,
+    causal: bool = False,
+    direction: str = "fwd",
+) -> float:
     """FLOPs of one attention call by the convention of DESIGN §7."""
     Dv = Dqk if Dv is None else Dv
     return Case(direction, causal, "float32", B, Nq, Nk, H, H, Dqk, Dv).flops()
@@ -122,9 +159,16 @@ def short_dtype(dtype: str) -> str:
 
 
 DTYPE_ALIASES = {
-    "bf16": "bfloat16", "bfloat16": "bfloat16",
-    "fp16": "float16", "f16": "float16", "half": "float16", "float16": "float16",
-    "fp32": "float32", "f32": "float32", "float": "float32", "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "f16": "float16",
+    "half": "float16",
+    "float16": "float16",
+    "fp32": "float32",
+    "f32": "float32",
+    "float": "float32",
+    "float32": "float32",
 }
 
 
@@ -132,15 +176,21 @@ def parse_dtype(name: str) -> str:
     try:
         return DTYPE_ALIASES[name.strip().lower()]
     except KeyError:
-        raise ValueError(
-            f"unknown dtype {name!r}; expected one of bf16, fp16, fp32"
-        ) from None
+        raise ValueError(f"unknown dtype {name!r}; expected one of bf16, fp16, fp32") from None
 
 
-def build_cases(*, head_dims: Sequence[int], seqlens: Sequence[int], batch_tokens: int,
-                heads: int | None, kv_heads: int | None, model_width: int | None,
-                causal: Iterable[bool], directions: Iterable[str],
-                dtypes: Iterable[str]) -> list[Case]:
+def build_cases(
+    *,
+    head_dims: Sequence[int],
+    seqlens: Sequence[int],
+    batch_tokens: int,
+    heads: int | None,
+    kv_heads: int | None,
+    model_width: int | None,
+    causal: Iterable[bool],
+    directions: Iterable[str],
+    dtypes: Iterable[str],
+) -> list[Case]:
     """The cross product, batch = max(1, batch_tokens // N) and, unless ``heads`` is
     given, heads = model_width // head_dim.
 

@@ -99,8 +99,9 @@ class Harness(Protocol):
     memory_method: str
     policy: TimingPolicy
 
-    def contenders(self, backends: list[str] | None, peers: list[str] | None
-                   ) -> list[Contender]: ...
+    def contenders(
+        self, backends: list[str] | None, peers: list[str] | None
+    ) -> list[Contender]: ...
 
     def measure(self, case: Case, contender: Contender) -> Measurement: ...
 
@@ -120,8 +121,10 @@ def describe_error(exc: BaseException) -> str:
     msg = str(exc).strip()
     first = msg.splitlines()[0] if msg else ""
     low = msg.lower()
-    if "out of memory" in low or name in ("OutOfMemoryError", "MemoryError") or (
-        "resource_exhausted" in low
+    if (
+        "out of memory" in low
+        or name in ("OutOfMemoryError", "MemoryError")
+        or ("resource_exhausted" in low)
     ):
         return f"out of memory ({name}: {first[:200]})" if first else "out of memory"
     if isinstance(exc, Skip):
@@ -154,13 +157,13 @@ def dense_skip_reason(case: Case, c: Contender, device: str) -> str | None:
     need, have = dense_bytes(case), available_host_memory()
     if have is None or need <= 0.8 * have:
         return None
-    return (f"needs ~{need / 2**30:.1f} GiB for the score matrix; "
-            f"{have / 2**30:.1f} GiB available")
+    return f"needs ~{need / 2**30:.1f} GiB for the score matrix; {have / 2**30:.1f} GiB available"
 
 
 # -- LongFlash backends as contenders ----------------------------------------------------------
-def longflash_contenders(framework: str, device: str, requested: list[str] | None
-                         ) -> list[Contender]:
+def longflash_contenders(
+    framework: str, device: str, requested: list[str] | None
+) -> list[Contender]:
     """Each requested backend (default: every available one for the framework) called
     through longflash.attention; the reference once per forced path."""
     import longflash
@@ -172,17 +175,31 @@ def longflash_contenders(framework: str, device: str, requested: list[str] | Non
     else:
         # On a GPU the reference is the test oracle, not a contender: its exact path is
         # the naive peer and its blockwise path a Python loop. --backends names it.
-        names = [b.name for b in longflash.backends()
-                 if b.available and framework in b.frameworks
-                 and not (b.name == "reference" and device != "cpu")]
+        names = [
+            b.name
+            for b in longflash.backends()
+            if b.available
+            and framework in b.frameworks
+            and not (b.name == "reference" and device != "cpu")
+        ]
 
     out = []
     for name in names:
+
         def make(case: Case, name: str = name) -> Callable[..., Any]:
             call = AttentionCall(
-                framework=framework, device=device, dtype=case.dtype, B=case.B, Nq=case.Nq,
-                Nk=case.Nk, Hq=case.Hq, Hk=case.Hk, Dqk=case.Dqk, Dv=case.Dv,
-                causal=case.causal, scale=case.scale,
+                framework=framework,
+                device=device,
+                dtype=case.dtype,
+                B=case.B,
+                Nq=case.Nq,
+                Nk=case.Nk,
+                Hq=case.Hq,
+                Hk=case.Hk,
+                Dqk=case.Dqk,
+                Dv=case.Dv,
+                causal=case.causal,
+                scale=case.scale,
                 window=normalize_window(case.causal, None),
             )
             reasons = REGISTRY.reasons(REGISTRY.get(name), call)
@@ -200,8 +217,14 @@ def longflash_contenders(framework: str, device: str, requested: list[str] | Non
         # JAX fixes the path when it traces; entering the context around every call
         # covers the first one, which traces, and PyTorch's every call.
         out.extend(
-            Contender(f"reference:{p}", "longflash", f"longflash reference backend, {p} path",
-                      make, context=lambda p=p: reference.force_path(p), dense=p == "exact")
+            Contender(
+                f"reference:{p}",
+                "longflash",
+                f"longflash reference backend, {p} path",
+                make,
+                context=lambda p=p: reference.force_path(p),
+                dense=p == "exact",
+            )
             for p in paths
         )
     return out

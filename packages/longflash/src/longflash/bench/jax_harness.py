@@ -43,21 +43,21 @@ PEER_DESCRIPTIONS = {
 class JaxHarness:
     framework = "jax"
 
-    def __init__(self, device: str, *, reps: int | None = None, check: bool = True,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, device: str, *, reps: int | None = None, check: bool = True, seed: int = 0
+    ) -> None:
         platform = "gpu" if device == "cuda" else "cpu"
         try:
             self.dev = jax.devices(platform)[0]
         except RuntimeError as exc:
-            raise RuntimeError(
-                f"--device {device}: jax has no {platform} device ({exc})"
-            ) from None
+            raise RuntimeError(f"--device {device}: jax has no {platform} device ({exc})") from None
         self.device = device
         self.check = check
         self.seed = seed
         base = GPU_POLICY if device == "cuda" else CPU_POLICY
-        self.policy = TimingPolicy(base.warmup_ms, base.rep_ms, base.min_reps,
-                                   base.max_reps, reps, base.estimate_runs)
+        self.policy = TimingPolicy(
+            base.warmup_ms, base.rep_ms, base.min_reps, base.max_reps, reps, base.estimate_runs
+        )
         self.timing_method = "perf_counter around block_until_ready, median"
         self.memory_method = "xla-memory-analysis (temporaries + outputs of the jitted call)"
         self._inputs_key: tuple | None = None
@@ -65,22 +65,24 @@ class JaxHarness:
         self._refs: dict[tuple, Any] = {}
 
     # -- contenders ---------------------------------------------------------------------
-    def contenders(self, backends: list[str] | None, peers: list[str] | None
-                   ) -> list[Contender]:
+    def contenders(self, backends: list[str] | None, peers: list[str] | None) -> list[Contender]:
         out = core.longflash_contenders("jax", self.device, backends)
-        for name in (GPU_PEERS if self.device == "cuda" else CPU_PEERS) if peers is None \
-                else peers:
+        for name in (GPU_PEERS if self.device == "cuda" else CPU_PEERS) if peers is None else peers:
             out.append(self._peer(name))
         return out
 
     def _peer(self, name: str) -> Contender:
-        makers = {"jax-cudnn": lambda case: _make_dpa(case, "cudnn"),
-                  "jax-xla": lambda case: _make_dpa(case, "xla"),
-                  "pallas-mha": self._make_pallas, "naive": _make_naive}
+        makers = {
+            "jax-cudnn": lambda case: _make_dpa(case, "cudnn"),
+            "jax-xla": lambda case: _make_dpa(case, "xla"),
+            "pallas-mha": self._make_pallas,
+            "naive": _make_naive,
+        }
         if name not in makers:
             raise ValueError(f"unknown jax peer {name!r}; known: {', '.join(GPU_PEERS)}")
-        return Contender(name, "peer", PEER_DESCRIPTIONS[name], makers[name],
-                         dense=name in ("naive", "jax-xla"))
+        return Contender(
+            name, "peer", PEER_DESCRIPTIONS[name], makers[name], dense=name in ("naive", "jax-xla")
+        )
 
     def _make_pallas(self, case: Case) -> Callable:
         if self.device != "cuda":
@@ -94,8 +96,7 @@ class JaxHarness:
         except ImportError as exc:
             raise Skip(f"jax.experimental.pallas.ops.gpu.attention: {exc}") from None
         scale, causal = case.scale, case.causal
-        return lambda q, k, v: pallas_attention.mha(q, k, v, None, sm_scale=scale,
-                                                    causal=causal)
+        return lambda q, k, v: pallas_attention.mha(q, k, v, None, sm_scale=scale, causal=causal)
 
     # -- inputs -------------------------------------------------------------------------
     def _base_inputs(self, case: Case) -> dict[str, Any]:
@@ -138,6 +139,7 @@ class JaxHarness:
         tol = core.CHECK_TOLERANCE.get(case.dtype, math.inf)
 
         if case.direction == "fwd":
+
             def run():
                 with c.context():
                     return fwd(q, k, v)
@@ -157,6 +159,7 @@ class JaxHarness:
 
             def whole(q, k, v, dout):
                 return jax.vjp(fn, q, k, v)[1](dout)
+
         del out
         timing = self._time(run)
         with c.context():
@@ -190,15 +193,25 @@ class JaxHarness:
             x = jnp.zeros(copy_bytes // 4, jnp.float32)
         mm = jax.jit(jnp.matmul)
         t = self._time(lambda: mm(a, b))
-        matmul = {"dtype": jnp.dtype(dt).name, "m": n, "n": n, "k": n, "flops": 2.0 * n**3,
-                  "ms": t.median_ms, "tflops": 2.0 * n**3 / (t.median_ms * 1e-3) / 1e12}
+        matmul = {
+            "dtype": jnp.dtype(dt).name,
+            "m": n,
+            "n": n,
+            "k": n,
+            "flops": 2.0 * n**3,
+            "ms": t.median_ms,
+            "tflops": 2.0 * n**3 / (t.median_ms * 1e-3) / 1e12,
+        }
         # An elementwise op reads and writes every byte once, like a copy; a jitted
         # identity would return its input without moving anything.
         inc = jax.jit(lambda x: x + 1)
         t = self._time(lambda: inc(x))
-        copy = {"bytes": copy_bytes, "ms": t.median_ms,
-                "note": "x + 1 over float32: bytes read + written per second",
-                "tb_per_s": 2.0 * copy_bytes / (t.median_ms * 1e-3) / 1e12}
+        copy = {
+            "bytes": copy_bytes,
+            "ms": t.median_ms,
+            "note": "x + 1 over float32: bytes read + written per second",
+            "tb_per_s": 2.0 * copy_bytes / (t.median_ms * 1e-3) / 1e12,
+        }
         return {"matmul": matmul, "copy": copy}
 
     def device_info(self) -> dict:
@@ -231,8 +244,7 @@ def _make_dpa(case: Case, implementation: str) -> Callable:
 def _make_naive(case: Case) -> Callable:
     group, scale, off = case.Hq // case.Hk, case.scale, case.Nk - case.Nq
     mask = (
-        jnp.arange(case.Nk)[None, :] <= jnp.arange(case.Nq)[:, None] + off
-        if case.causal else None
+        jnp.arange(case.Nk)[None, :] <= jnp.arange(case.Nq)[:, None] + off if case.causal else None
     )
 
     def naive(q, k, v):

@@ -30,8 +30,8 @@ def plot(results: dict[str, Any], path: str | Path) -> Path | None:
         from matplotlib.figure import Figure
     except ImportError:
         warnings.warn(
-            "matplotlib is not installed, so no plot was written "
-            "(pip install 'longflash[bench]')", stacklevel=2,
+            "matplotlib is not installed, so no plot was written (pip install 'longflash[bench]')",
+            stacklevel=2,
         )
         return None
 
@@ -39,8 +39,10 @@ def plot(results: dict[str, Any], path: str | Path) -> Path | None:
     cases = {c["key"]: c for c in results["cases"]}
     contenders = results["contenders"]
     dtypes = sorted({c["dtype"] for c in cases.values()})
-    columns = sorted({(c["direction"], c["causal"]) for c in cases.values()},
-                     key=lambda dc: (dc[0] != "fwd", dc[1]))
+    columns = sorted(
+        {(c["direction"], c["causal"]) for c in cases.values()},
+        key=lambda dc: (dc[0] != "fwd", dc[1]),
+    )
     head_dims = sorted({c["Dqk"] for c in cases.values()})
     if not columns:
         return None
@@ -58,8 +60,7 @@ def plot(results: dict[str, Any], path: str | Path) -> Path | None:
         )
 
     colors = _colors(len(contenders))
-    style = {c["name"]: (colors[i], _MARKERS[i % len(_MARKERS)])
-             for i, c in enumerate(contenders)}
+    style = {c["name"]: (colors[i], _MARKERS[i % len(_MARKERS)]) for i, c in enumerate(contenders)}
     dashes = {d: ls for d, ls in zip(dtypes, ("-", "--", ":", "-."))}
 
     nrows, ncols = len(head_dims) + 1, len(columns)
@@ -69,16 +70,18 @@ def plot(results: dict[str, Any], path: str | Path) -> Path | None:
     handles: dict[str, Any] = {}
     seqlens = sorted({c["Nq"] for c in cases.values()})
 
-    mems = [p[2] for panel in series.values() for pts in panel.values() for p in pts
-            if p[2] is not None]
+    mems = [
+        p[2] for panel in series.values() for pts in panel.values() for p in pts if p[2] is not None
+    ]
     mem_unit, mem_div = ("GiB", 2**30) if mems and max(mems) >= 2**30 else ("MiB", 2**20)
 
     def draw(ax, key, value_index: int) -> None:
         panel = series.get(key, {})
         for c in contenders:  # the order of the run: LongFlash first, then the peers
             for dtype in dtypes:
-                pts = sorted(p for p in panel.get((c["name"], dtype), [])
-                             if p[value_index] is not None)
+                pts = sorted(
+                    p for p in panel.get((c["name"], dtype), []) if p[value_index] is not None
+                )
                 if not pts:
                     continue
                 color, marker = style[c["name"]]
@@ -86,10 +89,15 @@ def plot(results: dict[str, Any], path: str | Path) -> Path | None:
                 label = c["name"] if len(dtypes) == 1 else f"{c['name']} ({short_dtype(dtype)})"
                 div = mem_div if value_index == 2 else 1
                 (line,) = ax.plot(
-                    [p[0] for p in pts], [p[value_index] / div for p in pts],
-                    color=color, marker=marker, markersize=5 if lf else 4,
-                    linewidth=2.4 if lf else 1.2, linestyle=dashes[dtype],
-                    label=label, zorder=3 if lf else 2,
+                    [p[0] for p in pts],
+                    [p[value_index] / div for p in pts],
+                    color=color,
+                    marker=marker,
+                    markersize=5 if lf else 4,
+                    linewidth=2.4 if lf else 1.2,
+                    linestyle=dashes[dtype],
+                    label=label,
+                    zorder=3 if lf else 2,
                 )
                 handles.setdefault(label, line)
 
@@ -100,8 +108,9 @@ def plot(results: dict[str, Any], path: str | Path) -> Path | None:
             draw(ax, (direction, causal, d), 1)
             if ceiling:
                 label = f"{ceiling['dtype']} matmul {ceiling['m']}³ (measured)"
-                h = ax.axhline(ceiling["tflops"] * mult, color="0.35", linestyle="--",
-                               linewidth=1.2, zorder=1)
+                h = ax.axhline(
+                    ceiling["tflops"] * mult, color="0.35", linestyle="--", linewidth=1.2, zorder=1
+                )
                 handles.setdefault(label, h)
             ax.set_title(f"{direction}, {mask}, head dim {d}", fontsize=10)
             ax.set_ylabel(unit)
@@ -118,11 +127,18 @@ def plot(results: dict[str, Any], path: str | Path) -> Path | None:
     m = results["machine"]
     where = m["gpu"]["name"] if m.get("gpu") else m.get("cpu", "")
     shapes = _shape_note(list(cases.values()))
-    fig.suptitle(f"LongFlash bench · {where} · {results['config']['framework']} · "
-                 f"{', '.join(short_dtype(d) for d in dtypes)} · {results['date'][:10]}\n{shapes}",
-                 fontsize=11)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="outside right center",
-               fontsize=9, frameon=False)
+    fig.suptitle(
+        f"LongFlash bench · {where} · {results['config']['framework']} · "
+        f"{', '.join(short_dtype(d) for d in dtypes)} · {results['date'][:10]}\n{shapes}",
+        fontsize=11,
+    )
+    fig.legend(
+        list(handles.values()),
+        list(handles.keys()),
+        loc="outside right center",
+        fontsize=9,
+        frameon=False,
+    )
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path
@@ -131,8 +147,7 @@ def plot(results: dict[str, Any], path: str | Path) -> Path | None:
 def _seq_axis(ax, seqlens: list[int]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(seqlens)
-    ax.set_xticklabels([f"{n // 1024}K" if n >= 1024 else str(n) for n in seqlens],
-                       fontsize=8)
+    ax.set_xticklabels([f"{n // 1024}K" if n >= 1024 else str(n) for n in seqlens], fontsize=8)
     ax.minorticks_off()
     ax.set_xlabel("sequence length N")
     ax.grid(True, alpha=0.3)
@@ -147,8 +162,7 @@ def _shape_note(cases: list[dict]) -> str:
         parts.append(f"B·N = {tokens[0]}")
     else:
         parts.append("batch = max(1, tokens / N)")
-    parts.append(f"H·D = {widths[0]}" if len(widths) == 1 else
-                 f"H = {'/'.join(map(str, heads))}")
+    parts.append(f"H·D = {widths[0]}" if len(widths) == 1 else f"H = {'/'.join(map(str, heads))}")
     return ", ".join(parts) + "; FLOPs: fwd 4·B·H·N²·D (½ causal), bwd 2.5× fwd"
 
 

@@ -18,8 +18,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-DISTRIBUTIONS = ("longflash", "longflash-cuda", "longflash-triton", "longflash-jax", "torch",
-                 "triton", "jax", "jaxlib", "numpy")
+DISTRIBUTIONS = (
+    "longflash",
+    "longflash-cuda",
+    "longflash-triton",
+    "longflash-jax",
+    "torch",
+    "triton",
+    "jax",
+    "jaxlib",
+    "numpy",
+)
 
 
 def _dist_version(name: str) -> str | None:
@@ -43,9 +52,13 @@ def versions() -> dict[str, Any]:
         cudnn = getattr(torch.backends, "cudnn", None)
         out["cudnn"] = cudnn.version() if cudnn is not None and cudnn.is_available() else None
     out["backends"] = {
-        b.name: {"available": b.available, "reason": b.reason,
-                 "frameworks": sorted(b.frameworks), "devices": sorted(b.devices),
-                 "priority": b.priority}
+        b.name: {
+            "available": b.available,
+            "reason": b.reason,
+            "frameworks": sorted(b.frameworks),
+            "devices": sorted(b.devices),
+            "priority": b.priority,
+        }
         for b in longflash.backends()
     }
     return out
@@ -66,7 +79,9 @@ def gpu_driver() -> str | None:
     try:
         r = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20,
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -93,8 +108,9 @@ def device_slug(machine: dict[str, Any]) -> str:
         name = machine["gpu"]["name"]
     else:
         # "AMD EPYC 7763 64-Core Processor" -> "cpu-amd-epyc-7763"
-        name = "cpu " + re.sub(r"\b\d+-core\b|processor|\(r\)|\(tm\)|cpu|@.*", " ",
-                               machine.get("cpu", ""), flags=re.I)
+        name = "cpu " + re.sub(
+            r"\b\d+-core\b|processor|\(r\)|\(tm\)|cpu|@.*", " ", machine.get("cpu", ""), flags=re.I
+        )
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     return slug or "unknown"
 
@@ -141,8 +157,9 @@ def summary_tables(results: dict[str, Any]) -> list[Table]:
         (m["case"], m["contender"]): m for m in results["measurements"]
     }
 
-    rates = Table(title=f"{unit} (median; ✗ = output check failed, – = skipped)",
-                  title_justify="left")
+    rates = Table(
+        title=f"{unit} (median; ✗ = output check failed, – = skipped)", title_justify="left"
+    )
     rates.add_column("case", no_wrap=True)
     for n in names:
         rates.add_column(n, justify="right", style="bold" if kinds[n] == "longflash" else "")
@@ -160,8 +177,10 @@ def summary_tables(results: dict[str, Any]) -> list[Table]:
 
     peers = [n for n in names if kinds[n] == "peer"]
     if results["ratios"] and peers:
-        ratios = Table(title="speedup of each LongFlash backend over each peer "
-                             "(peer time / LongFlash time)", title_justify="left")
+        ratios = Table(
+            title="speedup of each LongFlash backend over each peer (peer time / LongFlash time)",
+            title_justify="left",
+        )
         ratios.add_column("case", no_wrap=True)
         ratios.add_column("backend", no_wrap=True)
         for p in peers:
@@ -174,8 +193,9 @@ def summary_tables(results: dict[str, Any]) -> list[Table]:
                 got = table.get((case["key"], b))
                 if got is None:
                     continue
-                ratios.add_row(labels[case["key"]], b,
-                               *(f"{got[p]:.2f}×" if p in got else "–" for p in peers))
+                ratios.add_row(
+                    labels[case["key"]], b, *(f"{got[p]:.2f}×" if p in got else "–" for p in peers)
+                )
         tables.append(ratios)
     return tables
 
@@ -201,8 +221,7 @@ def print_summary(results: dict[str, Any], console: Console) -> None:
         parts.append(f"copy: {cp['tb_per_s'] * 1e3:.4g} GB/s (read + write)")
     m = results["machine"]
     where = m["gpu"]["name"] if m.get("gpu") else m.get("cpu", "?")
-    console.print(f"[bold]{where}[/bold] · {results['config']['framework']} · "
-                  + " · ".join(parts))
+    console.print(f"[bold]{where}[/bold] · {results['config']['framework']} · " + " · ".join(parts))
     for t in summary_tables(results):
         console.print(t)
     reasons = skip_reasons(results)
@@ -217,16 +236,24 @@ def compare(a: dict[str, Any], b: dict[str, Any], console: Console) -> Table:
     unit, mult = rate_unit(b)
     labels = {c["key"]: c["label"] for c in a["cases"] + b["cases"]}
     ma = {(m["case"], m["contender"]): m for m in a["measurements"] if m["tflops"]}
-    t = Table(title=f"{unit}: A = {a['date']} ({a['machine']['slug']}), "
-                    f"B = {b['date']} ({b['machine']['slug']})", title_justify="left")
+    t = Table(
+        title=f"{unit}: A = {a['date']} ({a['machine']['slug']}), "
+        f"B = {b['date']} ({b['machine']['slug']})",
+        title_justify="left",
+    )
     for col in ("case", "contender", "A", "B", "B / A"):
         t.add_column(col, justify="left" if col in ("case", "contender") else "right")
     for m in b["measurements"]:
         old = ma.get((m["case"], m["contender"]))
         if old is None or not m["tflops"]:
             continue
-        t.add_row(labels[m["case"]], m["contender"], f"{old['tflops'] * mult:.3g}",
-                  f"{m['tflops'] * mult:.3g}", f"{m['tflops'] / old['tflops']:.2f}×")
+        t.add_row(
+            labels[m["case"]],
+            m["contender"],
+            f"{old['tflops'] * mult:.3g}",
+            f"{m['tflops'] * mult:.3g}",
+            f"{m['tflops'] / old['tflops']:.2f}×",
+        )
     console.print(t)
     return t
 

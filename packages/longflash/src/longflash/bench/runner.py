@@ -61,8 +61,9 @@ def make_harness(cfg: BenchConfig, device: str) -> Harness:
     if cfg.framework == "torch":
         from longflash.bench.torch_harness import TorchHarness
 
-        return TorchHarness(device, reps=reps, l2_flush=cfg.l2_flush, check=cfg.check,
-                            seed=cfg.seed)
+        return TorchHarness(
+            device, reps=reps, l2_flush=cfg.l2_flush, check=cfg.check, seed=cfg.seed
+        )
     if cfg.framework == "jax":
         from longflash.bench.jax_harness import JaxHarness
 
@@ -98,13 +99,24 @@ def compute_ratios(measurements: Sequence[Measurement]) -> list[dict]:
     for key, ms in by_case.items():
         for lf in (m for m in ms if m.kind == "longflash"):
             for peer in (m for m in ms if m.kind == "peer"):
-                out.append({"case": key, "backend": lf.contender, "peer": peer.contender,
-                            "speedup": peer.ms / lf.ms})
+                out.append(
+                    {
+                        "case": key,
+                        "backend": lf.contender,
+                        "peer": peer.contender,
+                        "speedup": peer.ms / lf.ms,
+                    }
+                )
     return out
 
 
-def run(cfg: BenchConfig, *, console: Console | None = None, progress: bool = True,
-        command: list[str] | None = None) -> dict[str, Any]:
+def run(
+    cfg: BenchConfig,
+    *,
+    console: Console | None = None,
+    progress: bool = True,
+    command: list[str] | None = None,
+) -> dict[str, Any]:
     """Measure every contender on every case; return the results document.
 
     ``command`` is recorded as given (the CLI passes its argv) so a result can be rerun.

@@ -40,8 +40,7 @@ class TimingPolicy:
 
 # On a GPU "many runs": ~0.25 s of timed runs per measurement, at most 1000; at least 5
 # for the slow peers (a score-materialising backward at 16K takes about a second).
-GPU_POLICY = TimingPolicy(warmup_ms=50.0, rep_ms=250.0, min_reps=5, max_reps=1000,
-                          estimate_runs=3)
+GPU_POLICY = TimingPolicy(warmup_ms=50.0, rep_ms=250.0, min_reps=5, max_reps=1000, estimate_runs=3)
 # On a CPU "a few runs": 3 for calls of 50 ms and more, up to 30 for short calls, whose
 # single times scatter most when other processes share the cores.
 CPU_POLICY = TimingPolicy(warmup_ms=20.0, rep_ms=150.0, min_reps=3, max_reps=30)
@@ -57,8 +56,14 @@ class Timing:
     warmup: int
 
     def to_json(self) -> dict:
-        return {"ms": self.median_ms, "ms_min": self.min_ms, "ms_max": self.max_ms,
-                "ms_iqr": self.iqr_ms, "reps": self.reps, "warmup": self.warmup}
+        return {
+            "ms": self.median_ms,
+            "ms_min": self.min_ms,
+            "ms_max": self.max_ms,
+            "ms_iqr": self.iqr_ms,
+            "reps": self.reps,
+            "warmup": self.warmup,
+        }
 
 
 def summarize(times_ms: list[float], warmup: int) -> Timing:
@@ -73,8 +78,9 @@ def summarize(times_ms: list[float], warmup: int) -> Timing:
     return Timing(statistics.median(ts), ts[0], ts[-1], iqr, len(ts), warmup)
 
 
-def time_wallclock(fn: Callable[[], object], policy: TimingPolicy,
-                   sync: Callable[[object], object] = lambda r: r) -> Timing:
+def time_wallclock(
+    fn: Callable[[], object], policy: TimingPolicy, sync: Callable[[object], object] = lambda r: r
+) -> Timing:
     """Median wall-clock time of ``sync(fn())``. For the CPU, and for JAX where
     ``sync`` blocks until the result is ready (dispatch cost included, a few µs)."""
 

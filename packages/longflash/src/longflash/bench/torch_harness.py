@@ -65,25 +65,32 @@ PEER_DESCRIPTIONS = {
 class TorchHarness:
     framework = "torch"
 
-    def __init__(self, device: str, *, reps: int | None = None, l2_flush: bool = True,
-                 check: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        device: str,
+        *,
+        reps: int | None = None,
+        l2_flush: bool = True,
+        check: bool = True,
+        seed: int = 0,
+    ) -> None:
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda: torch sees no CUDA device")
         self.device = device
         self.check = check
         self.seed = seed
         base = GPU_POLICY if device == "cuda" else CPU_POLICY
-        self.policy = TimingPolicy(base.warmup_ms, base.rep_ms, base.min_reps,
-                                   base.max_reps, reps, base.estimate_runs)
+        self.policy = TimingPolicy(
+            base.warmup_ms, base.rep_ms, base.min_reps, base.max_reps, reps, base.estimate_runs
+        )
         self._host = HostPeakMemory() if device == "cpu" else None
         if device == "cuda":
-            self.timing_method = (
-                "cuda-events, median" + (", L2 flushed between runs" if l2_flush else "")
+            self.timing_method = "cuda-events, median" + (
+                ", L2 flushed between runs" if l2_flush else ""
             )
             self.memory_method = "cuda-max-allocated"
             self._flush = (
-                torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
-                if l2_flush else None
+                torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda") if l2_flush else None
             )
         else:
             self.timing_method = "perf_counter, median"
@@ -94,8 +101,7 @@ class TorchHarness:
         self._refs: dict[tuple, torch.Tensor] = {}
 
     # -- contenders ---------------------------------------------------------------------
-    def contenders(self, backends: list[str] | None, peers: list[str] | None
-                   ) -> list[Contender]:
+    def contenders(self, backends: list[str] | None, peers: list[str] | None) -> list[Contender]:
         out = core.longflash_contenders("torch", self.device, backends)
         default_peers = GPU_PEERS if self.device == "cuda" else CPU_PEERS
         for name in default_peers if peers is None else peers:
@@ -105,22 +111,30 @@ class TorchHarness:
     def _peer(self, name: str) -> Contender:
         sdpa = _sdpa_backends()
         if name in sdpa:
-            return Contender(name, "peer", PEER_DESCRIPTIONS[name], _make_sdpa, "bhnd",
-                             context=lambda b=sdpa[name]: _sdpa_kernel(b),
-                             dense=name == "sdpa-math")
+            return Contender(
+                name,
+                "peer",
+                PEER_DESCRIPTIONS[name],
+                _make_sdpa,
+                "bhnd",
+                context=lambda b=sdpa[name]: _sdpa_kernel(b),
+                dense=name == "sdpa-math",
+            )
         if name == "flex":
             return Contender(name, "peer", PEER_DESCRIPTIONS[name], self._make_flex, "bhnd")
         if name == "naive":
-            return Contender(name, "peer", PEER_DESCRIPTIONS[name], self._make_naive,
-                             "bhnd", dense=True)
+            return Contender(
+                name, "peer", PEER_DESCRIPTIONS[name], self._make_naive, "bhnd", dense=True
+            )
         raise ValueError(f"unknown torch peer {name!r}; known: {', '.join(GPU_PEERS)}")
 
     def _make_naive(self, case: Case) -> Callable:
         group, scale, dev = case.Hq // case.Hk, case.scale, self.device
         # Built once per shape, as a user would keep a causal mask buffer around.
         mask = (
-            torch.ones(case.Nq, case.Nk, dtype=torch.bool, device=dev)
-            .triu(case.Nk - case.Nq + 1) if case.causal else None
+            torch.ones(case.Nq, case.Nk, dtype=torch.bool, device=dev).triu(case.Nk - case.Nq + 1)
+            if case.causal
+            else None
         )
 
         def naive(q, k, v):
@@ -147,8 +161,9 @@ class TorchHarness:
             def causal_mask(b, h, q_idx, kv_idx):
                 return q_idx + off >= kv_idx
 
-            block_mask = create_block_mask(causal_mask, B=None, H=None, Q_LEN=case.Nq,
-                                           KV_LEN=case.Nk, device=self.device)
+            block_mask = create_block_mask(
+                causal_mask, B=None, H=None, Q_LEN=case.Nq, KV_LEN=case.Nk, device=self.device
+            )
         compiled = _compiled_flex(flex_attention)
         gqa = case.gqa
         return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
@@ -225,9 +240,11 @@ class TorchHarness:
                 with c.context():
                     return torch.autograd.grad(graph_out, (q, k, v), dout, retain_graph=True)
         else:
+
             def run():
                 with c.context(), torch.no_grad():
                     return fn(q, k, v)
+
         del out
         timing = self._time(run)
         del run
@@ -339,16 +356,25 @@ class TorchHarness:
         a = torch.randn(n, n, generator=g, device=self.device, dtype=dt)
         b = torch.randn(n, n, generator=g, device=self.device, dtype=dt)
         t = self._time(functools.partial(torch.matmul, a, b))
-        matmul = {"dtype": str(dt).removeprefix("torch."), "m": n, "n": n, "k": n,
-                  "flops": 2.0 * n**3, "ms": t.median_ms,
-                  "tflops": 2.0 * n**3 / (t.median_ms * 1e-3) / 1e12}
+        matmul = {
+            "dtype": str(dt).removeprefix("torch."),
+            "m": n,
+            "n": n,
+            "k": n,
+            "flops": 2.0 * n**3,
+            "ms": t.median_ms,
+            "tflops": 2.0 * n**3 / (t.median_ms * 1e-3) / 1e12,
+        }
         del a, b
         src = torch.randn(copy_bytes // 4, generator=g, device=self.device)
         dst = torch.empty_like(src)
         t = self._time(functools.partial(dst.copy_, src))
-        copy = {"bytes": copy_bytes, "ms": t.median_ms,
-                "note": "bytes read + written per second",
-                "tb_per_s": 2.0 * copy_bytes / (t.median_ms * 1e-3) / 1e12}
+        copy = {
+            "bytes": copy_bytes,
+            "ms": t.median_ms,
+            "note": "bytes read + written per second",
+            "tb_per_s": 2.0 * copy_bytes / (t.median_ms * 1e-3) / 1e12,
+        }
         del src, dst
         self._release()
         return {"matmul": matmul, "copy": copy}

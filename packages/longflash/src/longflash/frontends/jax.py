@@ -33,21 +33,46 @@ def _info(name: str, x: Any) -> validate.ArrayInfo:
     return validate.ArrayInfo(tuple(x.shape), np.dtype(x.dtype).name, _platform(x))
 
 
-def make_call(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-              max_seqlen_k=None, causal=False, scale=None, window=None,
-              softcap=None) -> AttentionCall:
+def make_call(
+    q,
+    k,
+    v,
+    *,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    causal=False,
+    scale=None,
+    window=None,
+    softcap=None,
+) -> AttentionCall:
     qi, ki, vi = _info("q", q), _info("k", k), _info("v", v)
     if cu_seqlens_q is None and cu_seqlens_k is None:
-        return validate.make_call("jax", qi, ki, vi, causal=causal, scale=scale,
-                                  window=window, softcap=softcap)
+        return validate.make_call(
+            "jax", qi, ki, vi, causal=causal, scale=scale, window=window, softcap=softcap
+        )
     cqi, cki = _info("cu_seqlens_q", cu_seqlens_q), _info("cu_seqlens_k", cu_seqlens_k)
     call = validate.make_varlen_call(
-        "jax", qi, ki, vi, cqi, cki, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal,
-        scale=scale, window=window, softcap=softcap,
+        "jax",
+        qi,
+        ki,
+        vi,
+        cqi,
+        cki,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        causal=causal,
+        scale=scale,
+        window=window,
+        softcap=softcap,
     )
-    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, qi.shape[0]),
-                            ("cu_seqlens_k", cu_seqlens_k, ki.shape[0])):
+    for name, cu, total in (
+        ("cu_seqlens_q", cu_seqlens_q, qi.shape[0]),
+        ("cu_seqlens_k", cu_seqlens_k, ki.shape[0]),
+    ):
         if not isinstance(cu, jax.core.Tracer):
             validate.check_cu_seqlens(name, np.asarray(cu).tolist(), total)
     return call
@@ -99,9 +124,33 @@ def attention(q, k, v, *, causal, scale, window, softcap, return_lse, backend):
     return _run(call, q, k, v, None, None, return_lse, backend)
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k,
-                     causal, scale, window, softcap, return_lse, backend):
-    call = make_call(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal,
-                     scale=scale, window=window, softcap=softcap)
+def attention_varlen(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    *,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    scale,
+    window,
+    softcap,
+    return_lse,
+    backend,
+):
+    call = make_call(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        causal=causal,
+        scale=scale,
+        window=window,
+        softcap=softcap,
+    )
     return _run(call, q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse, backend)

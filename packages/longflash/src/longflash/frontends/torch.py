@@ -33,22 +33,45 @@ def _info(name: str, x: Any) -> validate.ArrayInfo:
     )
 
 
-def make_call(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-              max_seqlen_k=None, causal=False, scale=None, window=None,
-              softcap=None) -> AttentionCall:
+def make_call(
+    q,
+    k,
+    v,
+    *,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    causal=False,
+    scale=None,
+    window=None,
+    softcap=None,
+) -> AttentionCall:
     """Validate shapes/dtypes/arguments and build the AttentionCall (no value reads)."""
     qi, ki, vi = _info("q", q), _info("k", k), _info("v", v)
     if cu_seqlens_q is None and cu_seqlens_k is None:
-        return validate.make_call("torch", qi, ki, vi, causal=causal, scale=scale,
-                                  window=window, softcap=softcap)
+        return validate.make_call(
+            "torch", qi, ki, vi, causal=causal, scale=scale, window=window, softcap=softcap
+        )
     cqi, cki = _info("cu_seqlens_q", cu_seqlens_q), _info("cu_seqlens_k", cu_seqlens_k)
     for name, info in (("cu_seqlens_q", cqi), ("cu_seqlens_k", cki)):
         if info.device != qi.device:
             raise ValueError(f"{name} must be on q's device {qi.device}, got {info.device}")
     return validate.make_varlen_call(
-        "torch", qi, ki, vi, cqi, cki, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal,
-        scale=scale, window=window, softcap=softcap,
+        "torch",
+        qi,
+        ki,
+        vi,
+        cqi,
+        cki,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        causal=causal,
+        scale=scale,
+        window=window,
+        softcap=softcap,
     )
 
 
@@ -87,9 +110,21 @@ def _rebuild(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right, soft
         nq, nk = max_q, max_k
         varlen = Varlen(cu_q, cu_k, q.shape[0], k.shape[0])
     return AttentionCall(
-        framework="torch", device=q.device.type, dtype=_DTYPES[q.dtype], B=b, Nq=nq, Nk=nk,
-        Hq=hq, Hk=hk, Dqk=dqk, Dv=dv, causal=causal, scale=scale, window=window,
-        softcap=softcap if softcap > 0 else None, varlen=varlen,
+        framework="torch",
+        device=q.device.type,
+        dtype=_DTYPES[q.dtype],
+        B=b,
+        Nq=nq,
+        Nk=nk,
+        Hq=hq,
+        Hk=hk,
+        Dqk=dqk,
+        Dv=dv,
+        causal=causal,
+        scale=scale,
+        window=window,
+        softcap=softcap if softcap > 0 else None,
+        varlen=varlen,
     )
 
 
@@ -111,36 +146,93 @@ def _out_shapes(q, v, cu_q):
 
 @torch.library.custom_op("longflash::attention_fwd", mutates_args=())
 def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float,
-    window_left: int, window_right: int, softcap: float, backend: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_values(cu_seqlens_q, cu_seqlens_k, q, k)
-    call = _rebuild(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    causal, scale, window_left, window_right, softcap)
+    call = _rebuild(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal,
+        scale,
+        window_left,
+        window_right,
+        softcap,
+    )
     impl = REGISTRY.select(call, backend)
     out, lse = impl.forward(call, q, k, v)
     return out, lse
 
 
 @attention_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-      window_left, window_right, softcap, backend):
+def _(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    scale,
+    window_left,
+    window_right,
+    softcap,
+    backend,
+):
     out_shape, lse_shape = _out_shapes(q, v, cu_seqlens_q)
     return q.new_empty(out_shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("longflash::attention_bwd", mutates_args=())
 def attention_bwd(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float,
-    window_left: int, window_right: int, softcap: float, backend: str,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    call = _rebuild(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    causal, scale, window_left, window_right, softcap)
+    call = _rebuild(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal,
+        scale,
+        window_left,
+        window_right,
+        softcap,
+    )
     impl = REGISTRY.select(call, backend)
     dq, dk, dv = impl.backward(call, dout, q, k, v, out, lse)
     return dq, dk, dv
@@ -183,8 +275,19 @@ def _run(call: AttentionCall, q, k, v, cu_q, cu_k, max_q, max_k, return_lse, bac
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
     causal, scale, left, right, softcap = _flat(call)
     out, lse = attention_fwd(
-        _lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v),
-        cu_q, cu_k, max_q, max_k, causal, scale, left, right, softcap, name,
+        _lastdim_contiguous(q),
+        _lastdim_contiguous(k),
+        _lastdim_contiguous(v),
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        causal,
+        scale,
+        left,
+        right,
+        softcap,
+        name,
     )
     return (out, lse) if return_lse else out
 
@@ -194,11 +297,35 @@ def attention(q, k, v, *, causal, scale, window, softcap, return_lse, backend):
     return _run(call, q, k, v, None, None, -1, -1, return_lse, backend)
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k,
-                     causal, scale, window, softcap, return_lse, backend):
-    call = make_call(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal,
-                     scale=scale, window=window, softcap=softcap)
+def attention_varlen(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    *,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    scale,
+    window,
+    softcap,
+    return_lse,
+    backend,
+):
+    call = make_call(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        causal=causal,
+        scale=scale,
+        window=window,
+        softcap=softcap,
+    )
     max_q = -1 if max_seqlen_q is None else max_seqlen_q
     max_k = -1 if max_seqlen_k is None else max_seqlen_k
     return _run(call, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, return_lse, backend)

@@ -96,13 +96,12 @@ def force_path(
     if path not in _PATHS:
         raise ValueError(f"path must be one of {', '.join(_PATHS)}, got {path!r}")
     for name, value in (("block_q", block_q), ("block_k", block_k)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     outer = settings()
-    token = _forced.set(
-        Settings(path, block_q or outer.block_q, block_k or outer.block_k)
-    )
+    token = _forced.set(Settings(path, block_q or outer.block_q, block_k or outer.block_k))
     try:
         yield
     finally:
@@ -153,8 +152,7 @@ class ReferenceBackend:
             reasons.append(f"framework {call.framework} not supported")
         if call.device not in self.devices:
             reasons.append(
-                f"device {call.device} not supported (supports: "
-                f"{', '.join(sorted(self.devices))})"
+                f"device {call.device} not supported (supports: {', '.join(sorted(self.devices))})"
             )
         if call.dtype not in self.dtypes:
             reasons.append(f"dtype {call.dtype} not supported")
@@ -168,9 +166,7 @@ class ReferenceBackend:
         self, call: AttentionCall, dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any
     ) -> tuple[Any, Any, Any]:
         s = settings()
-        return _impl(call).backward(
-            call, dout, q, k, v, out, lse, choose_path(call, s.path), s
-        )
+        return _impl(call).backward(call, dout, q, k, v, out, lse, choose_path(call, s.path), s)
 
 
 def _impl(call: AttentionCall) -> Any:

@@ -150,8 +150,9 @@ def _problem(call: AttentionCall, q4, k4) -> _Problem:
     b, nq, hq, _ = q4.shape
     nk, hk = k4.shape[1], k4.shape[2]
     masked = call.window is not None or call.varlen is not None
-    return _Problem(b, nq, nk, hk, hq // hk, call.scale, call.softcap, masked,
-                    call.varlen is not None)
+    return _Problem(
+        b, nq, nk, hk, hq // hk, call.scale, call.softcap, masked, call.varlen is not None
+    )
 
 
 def _bounds(call: AttentionCall, nq: int, nk: int):
@@ -361,9 +362,11 @@ def _backward_blockwise(p: _Problem, lo, hi, qh, kh, vh, doh, lse_h, delta, sett
                 inv = _invisible(lo_t, hi_t, k0, bk) if tl.need_mask else None
                 dq_p, dk_p, dv_p = _grads_tile(p, qt, kt, vt, dot, lse_t, delta_t, inv)
                 dk = lax.dynamic_update_slice_in_dim(
-                    dk, lax.dynamic_slice_in_dim(dk, k0, bk, axis=2) + dk_p, k0, axis=2)
+                    dk, lax.dynamic_slice_in_dim(dk, k0, bk, axis=2) + dk_p, k0, axis=2
+                )
                 dv = lax.dynamic_update_slice_in_dim(
-                    dv, lax.dynamic_slice_in_dim(dv, k0, bk, axis=2) + dv_p, k0, axis=2)
+                    dv, lax.dynamic_slice_in_dim(dv, k0, bk, axis=2) + dv_p, k0, axis=2
+                )
                 return dq_t + dq_p, dk, dv
 
             return tl.visit(lo_t, hi_t, sees, k0, compute, carry)
@@ -372,7 +375,6 @@ def _backward_blockwise(p: _Problem, lo, hi, qh, kh, vh, doh, lse_h, delta, sett
         dq_t, dk, dv = lax.fori_loop(first, last, k_tile, (jnp.zeros_like(qt), dk, dv))
         return (dk, dv), dq_t
 
-    (dk, dv), dq = lax.scan(q_tile, (jnp.zeros_like(kp), jnp.zeros_like(vp)),
-                            jnp.arange(tl.nq_t))
+    (dk, dv), dq = lax.scan(q_tile, (jnp.zeros_like(kp), jnp.zeros_like(vp)), jnp.arange(tl.nq_t))
     dq = jnp.moveaxis(dq, 0, 2).reshape(p.b, p.hk, -1, qh.shape[-1])[:, :, : p.nq * p.g]
     return dq, dk[:, :, : p.nk], dv[:, :, : p.nk]

@@ -132,16 +132,21 @@ def _contiguous_copy(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _lse_out(lse_h: torch.Tensor, p: _Problem) -> torch.Tensor:
     """(b*hk, nq*g) in the compute dtype -> (b, hq, nq) float32."""
-    return lse_h.view(p.b, p.hk, p.nq, p.g).permute(0, 1, 3, 2).reshape(
-        p.b, p.hk * p.g, p.nq).to(torch.float32)
+    return (
+        lse_h.view(p.b, p.hk, p.nq, p.g)
+        .permute(0, 1, 3, 2)
+        .reshape(p.b, p.hk * p.g, p.nq)
+        .to(torch.float32)
+    )
 
 
 def _lse_in(call, lse: torch.Tensor, p: _Problem, cd: torch.dtype) -> torch.Tensor:
     """(b, hq, nq) (varlen: (hq, tq)) -> (b*hk, nq*g) in the compute dtype."""
     if call.varlen is not None:
         lse = lse.unsqueeze(0)
-    return lse.reshape(p.b, p.hk, p.g, p.nq).permute(0, 1, 3, 2).to(cd).reshape(
-        p.b * p.hk, p.nq * p.g)
+    return (
+        lse.reshape(p.b, p.hk, p.g, p.nq).permute(0, 1, 3, 2).to(cd).reshape(p.b * p.hk, p.nq * p.g)
+    )
 
 
 def _safe_lse(lse_h: torch.Tensor) -> torch.Tensor:
@@ -261,15 +266,23 @@ def _new(scratch: _Scratch | None, name: str, shape, like: torch.Tensor) -> torc
     return like.new_empty(shape) if scratch is None else scratch.get(name, shape, like)
 
 
-def _scores(p: _Problem, t0: int, t1: int, k0: int, k1: int, masked: bool,
-            qt: torch.Tensor, kt: torch.Tensor, keep_tanh: bool = False,
-            scratch: _Scratch | None = None):
+def _scores(
+    p: _Problem,
+    t0: int,
+    t1: int,
+    k0: int,
+    k1: int,
+    masked: bool,
+    qt: torch.Tensor,
+    kt: torch.Tensor,
+    keep_tanh: bool = False,
+    scratch: _Scratch | None = None,
+):
     """Scaled, softcapped, masked scores of query tokens [t0, t1) and keys [k0, k1):
     (b*hk, (t1-t0)*g, k1-k0), and tanh(raw/softcap) when keep_tanh (for the backward)."""
     shape = (qt.shape[0], qt.shape[1], kt.shape[1])
     # beta=0: the uninitialised buffer is ignored (NaNs in it do not propagate).
-    s = _new(scratch, "s", shape, qt).baddbmm_(qt, kt.transpose(1, 2), beta=0,
-                                                alpha=p.scale)
+    s = _new(scratch, "s", shape, qt).baddbmm_(qt, kt.transpose(1, 2), beta=0, alpha=p.scale)
     tanh = None
     if p.softcap is not None:
         tanh = s.div_(p.softcap).tanh_()
@@ -279,7 +292,8 @@ def _scores(p: _Problem, t0: int, t1: int, k0: int, k1: int, masked: bool,
             s = tanh.mul_(p.softcap)
     if masked:
         s.view(shape[0], t1 - t0, p.g, shape[2]).masked_fill_(
-            _invisible(p, t0, t1, k0, k1)[:, None, :], NEG_INF)
+            _invisible(p, t0, t1, k0, k1)[:, None, :], NEG_INF
+        )
     return s, tanh
 
 
@@ -338,8 +352,24 @@ def _forward_blockwise(p: _Problem, plan: Plan, qh, kh, vh, with_out: bool = Tru
 
 
 # -- backward --------------------------------------------------------------------------
-def _grads_tile(p: _Problem, t0, t1, k0, k1, masked, qt, kt, vt, dot, lse_t, delta_t,
-                dq=None, dk=None, dv=None, scratch: _Scratch | None = None):
+def _grads_tile(
+    p: _Problem,
+    t0,
+    t1,
+    k0,
+    k1,
+    masked,
+    qt,
+    kt,
+    vt,
+    dot,
+    lse_t,
+    delta_t,
+    dq=None,
+    dk=None,
+    dv=None,
+    scratch: _Scratch | None = None,
+):
     """Closed-form gradients of one tile, added into dq, dk, dv (new tensors when None);
     dq still to be multiplied by scale, dk already is:
     P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta), times
@@ -381,8 +411,24 @@ def _backward_blockwise(p: _Problem, plan: Plan, qh, kh, vh, doh, lse_h, delta):
             if k0 not in dk_blocks:
                 dk_blocks[k0] = kh.new_zeros((kh.shape[0], k1 - k0, kh.shape[2]))
                 dv_blocks[k0] = vh.new_zeros((vh.shape[0], k1 - k0, vh.shape[2]))
-            _grads_tile(p, t0, t1, k0, k1, masked, qt, kh[:, k0:k1], vh[:, k0:k1], dot,
-                        lse_t, delta_t, dq_t, dk_blocks[k0], dv_blocks[k0], scratch)
+            _grads_tile(
+                p,
+                t0,
+                t1,
+                k0,
+                k1,
+                masked,
+                qt,
+                kh[:, k0:k1],
+                vh[:, k0:k1],
+                dot,
+                lse_t,
+                delta_t,
+                dq_t,
+                dk_blocks[k0],
+                dv_blocks[k0],
+                scratch,
+            )
         dq[:, r0:r1] = dq_t
     return dq, _gather(dk_blocks, kh), _gather(dv_blocks, vh)
 
@@ -391,5 +437,5 @@ def _gather(blocks: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor
     """Concatenate per-key-block accumulators; keys no query sees get 0."""
     out = torch.zeros_like(like)
     for k0, blk in blocks.items():
-        out[:, k0:k0 + blk.shape[1]] = blk
+        out[:, k0 : k0 + blk.shape[1]] = blk
     return out
