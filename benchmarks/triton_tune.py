@@ -145,6 +145,27 @@ def candidates(kernel: str, d: int, causal: bool) -> list[Any]:
     return out
 
 
+def candidates_v2(kernel: str, d: int, causal: bool) -> list[Any]:
+    """Issue 3's follow-up space (hd128 only; NOTES-triton.md, v4): bigger dK/dV tiles with
+    8 warps (halves the registers per thread of the BN x D accumulators), and for the
+    forward the tiles and depths that could shorten the 4K causal tail. (Run triton_v2_run1
+    also timed dQ fused into dK/dV with a TMA reduce-add; it lost by 20-60 % and was
+    removed: NOTES-triton.md.)"""
+    from longflash_triton.configs import TileConfig as T
+
+    if _hb(d) != 128:
+        return candidates(kernel, d, causal)
+    if kernel == "fwd":
+        tiles = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4)]
+        tiles += [(64, 128, 4, 3), (64, 64, 4, 3)]
+    elif kernel == "dkdv":
+        tiles = [(32, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2)]
+        tiles += [(32, 128, 8, 3), (16, 128, 8, 3)]
+    else:
+        tiles = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2)]
+    return [T(bm, bn, w, st, tma=True) for bm, bn, w, st in tiles]
+
+
 def _hb(d: int) -> int:
     return 64 if d <= 64 else 128 if d <= 128 else 256
 
@@ -161,8 +182,8 @@ def run_variant(kernel: str, p: Problem, cfg, tensors, fwd_out=None):
     arch = configs.arch(q.device)
     band = p.causal or p.window is not None
     hb = max(16, 1 << (p.D - 1).bit_length())
-    default_kv = configs.pick("dkdv", arch, hb, band)
-    default_q = configs.pick("dq", arch, hb, band)
+    default_kv = configs.pick("dkdv", arch, hb, band, p.N)
+    default_q = configs.pick("dq", arch, hb, band, p.nk)
     cfgs = (cfg, default_q) if kernel == "dkdv" else (default_kv, cfg)
     return launch.backward(call, do, q, k, v, out, lse, cfgs=cfgs)
 
@@ -262,13 +283,15 @@ def compile_offline(jobs, arch: int = 90) -> list[dict]:
             "smem": k.metadata.shared,
             "wgmma": ptx.count("wgmma.mma_async"),
             "tma": ptx.count("cp.async.bulk.tensor"),
+            "reduce": ptx.count("cp.reduce.async.bulk") + ptx.count("red.global"),
             "ws": k.asm["ttgir"].count("ttg.warp_specialize"),
             "compile_s": round(time.time() - t0, 1),
         }
         rows.append(row)
         print(
             f"{name:58s} regs {regs:>4} stack {stack:>4} smem {row['smem']:>6} "
-            f"wgmma {row['wgmma']:>3} tma {row['tma']:>2} ws {row['ws']} ({row['compile_s']} s)",
+            f"wgmma {row['wgmma']:>3} tma {row['tma']:>2} red {row['reduce']:>3} ws {row['ws']} "
+            f"({row['compile_s']} s)",
             flush=True,
         )
     return rows
@@ -293,10 +316,11 @@ def cmd_compile(args) -> None:
     launch._precision = lambda x: (False, "ieee" if x.dtype == torch.float32 else "tf32")
     jobs = []
     for d in args.head_dims:
-        for causal in (False, True):
+        for causal in [m == "causal" for m in args.masks]:
             p = standard_problem(d, 1024, causal)
             for kernel in args.kernels:
-                cands = candidates(kernel, d, causal) if args.all else [None]
+                space = candidates_v2 if args.space == "v2" else candidates
+                cands = space(kernel, d, causal) if args.all else [None]
                 for cfg in cands:
                     tensors = make_inputs(p, "cpu")
                     call = make_call(p, "cpu")
@@ -625,14 +649,15 @@ def _guard(fn, *a):
 
 
 # -- tuning --------------------------------------------------------------------------
-def _tune_jobs(head_dims, ns) -> list[tuple[str, Problem, Any]]:
+def _tune_jobs(head_dims, ns, space="v1", kernels=("fwd", "dkdv", "dq")) -> list:
     jobs = []
+    pick = candidates_v2 if space == "v2" else candidates
     for d in head_dims:
         for n in ns:
             for causal in (False, True):
                 p = standard_problem(d, n, causal)
-                for kernel in ("fwd", "dkdv", "dq"):
-                    for cfg in candidates(kernel, d, causal):
+                for kernel in kernels:
+                    for cfg in pick(kernel, d, causal):
                         jobs.append((kernel, p, cfg))
     return jobs
 
@@ -664,7 +689,7 @@ def precompile(jobs, workers: int) -> list[str]:
 def cmd_tune(args) -> dict:
     import torch
 
-    jobs = _tune_jobs(args.head_dims, args.seqlens)
+    jobs = _tune_jobs(args.head_dims, args.seqlens, args.space, args.tune_kernels)
     t0 = time.time()
     errors = precompile(jobs, args.workers) if args.workers > 1 else []
     print(f"precompiled {len(jobs)} variants in {time.time() - t0:.0f} s", flush=True)
@@ -701,16 +726,50 @@ def cmd_tune(args) -> dict:
             best[key] = (ms, cfg, tflops)
         torch.cuda.empty_cache()
     print("\nbest per kernel / head dim / mask / N:")
-    table = {}
-    for (kernel, d, causal, n), (ms, cfg, tf) in sorted(best.items(), key=lambda x: str(x[0])):
+    for (kernel, d, causal, n), (ms, cfg, tf) in sorted(best.items()):
         print(
             f"  {kernel:5s} hd{d:<4d} {'band' if causal else 'full'} N{n:<6d} {ms:8.3f} ms "
             f"{tf:6.0f} TFLOP/s  {cfg}"
         )
-        table[f"{kernel}/{d}/{'band' if causal else 'full'}"] = {
-            k: v for k, v in dataclasses.asdict(cfg).items() if v is not False
+    table = _weighted_best(rows, best)
+    print("\ntable (one config per kernel / head dim / mask, best geometric mean over N):")
+    for key, cfg in table.items():
+        print(f"  {key:16s} {cfg}")
+    return {"rows": rows, "best": table, "best_per_n": _per_n(best), "errors": errors}
+
+
+def _per_n(best: dict) -> list:
+    return [
+        {"kernel": k[0], "D": k[1], "causal": k[2], "N": k[3], "ms": v[0], "config": str(v[1])}
+        for k, v in sorted(best.items())
+    ]
+
+
+def _weighted_best(rows: list[dict], best: dict) -> dict:
+    """One config per (kernel, head dim, mask): the one whose time, relative to the best at
+    each N, has the smallest geometric mean (a config missing at some N is out)."""
+    groups: dict = {}
+    for r in rows:
+        if "ms" not in r:
+            continue
+        causal = r["problem"].endswith("causal")
+        d = int(r["problem"].split()[0][2:])
+        n = int(r["problem"].split()[1][1:])
+        rel = r["ms"] / best[(r["kernel"], d, causal, n)][0]
+        key = (r["kernel"], d, causal)
+        cfg = json.dumps(r["config"], sort_keys=True)
+        groups.setdefault(key, {}).setdefault(cfg, []).append(rel)
+    table = {}
+    for (kernel, d, causal), cfgs in sorted(groups.items()):
+        most = max(len(v) for v in cfgs.values())
+        score = {
+            c: math.exp(sum(map(math.log, v)) / len(v)) for c, v in cfgs.items() if len(v) == most
         }
-    return {"rows": rows, "best": table, "errors": errors}
+        cfg = json.loads(min(score, key=score.get))
+        table[f"{kernel}/{d}/{'band' if causal else 'full'}"] = {
+            k: v for k, v in cfg.items() if v is not False
+        }
+    return table
 
 
 # -- benchmark against peers -------------------------------------------------------------
@@ -846,19 +905,28 @@ def bench_problems(args) -> list[Problem]:
     ]
 
 
-def cmd_bench(args, sink=None) -> list[dict]:
-    _flex_setup()
-    probs = bench_problems(args)
-    flex_probs = [
+def _flex_problems(args) -> list[Problem]:
+    return [
         p
-        for p in probs
+        for p in bench_problems(args)
         if p.N >= args.flex_min_n and (args.flex_dims is None or p.D in args.flex_dims)
     ]
+
+
+def warm_flex(args) -> None:
     t0 = time.time()
-    for errs in _pool_map(_warm_flex, [[p] for p in flex_probs], args.workers):
+    for errs in _pool_map(_warm_flex, [[p] for p in _flex_problems(args)], args.flex_workers):
         for e in errs:
             print("flex warm-up error:", e, flush=True)
     print(f"flex compiled in {time.time() - t0:.0f} s", flush=True)
+
+
+def cmd_bench(args, sink=None, warmed: bool = False) -> list[dict]:
+    _flex_setup()
+    probs = bench_problems(args)
+    flex_probs = _flex_problems(args)
+    if not warmed:
+        warm_flex(args)
     rows = []
     for p in probs:
         impls = ["triton", "sdpa_flash", "sdpa_cudnn"] + (["flex"] if p in flex_probs else [])
@@ -940,7 +1008,15 @@ def cmd_all(args) -> None:
     res["ceilings"] = _guard(ceilings)
     print("ceilings", res["ceilings"], flush=True)
     t0 = time.time()
-    if "check" in args.steps:
+    flex_thread = None
+    if "bench" in args.steps and args.flex_workers > 1:
+        # inductor compiles FlexAttention in its own worker processes while the Triton
+        # variants compile in theirs: the machine has the cores, the lease has no time
+        import threading
+
+        flex_thread = threading.Thread(target=warm_flex, args=(args,))
+        flex_thread.start()
+    if "check" in args.steps and "tune" not in args.steps:
         res["check"] = cmd_check(args)
         print(f"[check {time.time() - t0:.0f} s]", flush=True)
         (out_dir / f"{args.tag}.json").write_text(json.dumps(res, indent=1, default=str))
@@ -953,13 +1029,27 @@ def cmd_all(args) -> None:
 
             table = configs._tables()["sm90"]
             table.update(res["tune"]["best"])
+            configs.pick.cache_clear()
+            if args.write_configs:  # so that a test run after this one uses the same tiles
+                path = ROOT / "packages/longflash-triton/src/longflash_triton/configs.json"
+                full = json.loads(path.read_text())
+                full["sm90"].update(res["tune"]["best"])
+                text = json.dumps(full, indent=1) + "\n"
+                path.write_text(text)
+                (out_dir / f"{args.tag}_configs.json").write_text(text)
+
+    if "check" in args.steps and "tune" in args.steps:  # check the tiles the tuning chose
+        res["check"] = cmd_check(args)
+        print(f"[check {time.time() - t0:.0f} s]", flush=True)
 
     def save_bench(rows):
         res["bench"] = rows
         (out_dir / f"{args.tag}.json").write_text(json.dumps(res, indent=1, default=str))
 
     if "bench" in args.steps:
-        res["bench"] = cmd_bench(args, save_bench)
+        if flex_thread is not None:
+            flex_thread.join()
+        res["bench"] = cmd_bench(args, save_bench, warmed=flex_thread is not None)
         print(f"[bench {time.time() - t0:.0f} s]", flush=True)
     torch.cuda.synchronize()
     (out_dir / f"{args.tag}.json").write_text(json.dumps(res, indent=1, default=str))
@@ -1024,6 +1114,8 @@ def main() -> None:
     c.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     c.add_argument("--kernels", nargs="+", default=["fwd", "dkdv", "dq"])
     c.add_argument("--all", action="store_true", help="every tuning candidate, not the table")
+    c.add_argument("--space", choices=["v1", "v2"], default="v1", help="candidate set")
+    c.add_argument("--masks", nargs="+", default=["full", "causal"])
     for name in ("check", "tune", "bench", "all"):
         c = sub.add_parser(name)
         c.add_argument("--long", action="store_true", help="also N = 128K")
@@ -1042,7 +1134,10 @@ def main() -> None:
         )
         c.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
         c.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
+        c.add_argument("--space", choices=["v1", "v2"], default="v1", help="tune candidates")
+        c.add_argument("--tune-kernels", nargs="+", default=["fwd", "dkdv", "dq"])
         c.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+        c.add_argument("--flex-workers", type=int, default=4)
         c.add_argument("--flex-min-n", type=int, default=4096)
         c.add_argument("--out-dir", default=os.environ.get("OUT", "."))
         c.add_argument("--tag", default="triton_run")
@@ -1051,6 +1146,11 @@ def main() -> None:
             "--apply-tuned",
             action="store_true",
             help="bench with the configs this run's tuning picked",
+        )
+        c.add_argument(
+            "--write-configs",
+            action="store_true",
+            help="with --apply-tuned: also write them into this tree's configs.json",
         )
     c = sub.add_parser("sanitize")
     c = sub.add_parser("plot")

@@ -2,9 +2,10 @@
 
 Keys are ``<kernel>/<head-dim block>/<mask>`` with kernel in fwd, dkdv, dq; head-dim block
 the padded power of two (16 … 256); mask "full" or "band" (causal or a window). A key may
-use ``*`` for the head dim or the mask. Lookup goes from the most specific key of the
-device's architecture to the ``default`` table. benchmarks/triton_tune.py measures the
-candidates on a GPU and prints the table to paste here.
+use ``*`` for the head dim or the mask, and end in ``@T`` to serve sequences of T or more.
+Lookup goes from the most specific key of the device's architecture to the ``default``
+table. benchmarks/triton_tune.py measures the candidates on a GPU and prints the table to
+paste here.
 """
 
 from __future__ import annotations
@@ -69,7 +70,11 @@ def interpreter_tiles(cfg: TileConfig, rows: int, cols: int) -> TileConfig:
     return dataclasses.replace(cfg, BM=tile(rows, cfg.BM), BN=tile(cols, cfg.BN))
 
 
-def pick(kernel: str, arch_name: str, head_block: int, band: bool) -> TileConfig:
+@functools.lru_cache(maxsize=1024)
+def pick(kernel: str, arch_name: str, head_block: int, band: bool, n: int = 0) -> TileConfig:
+    """The config for a kernel; ``n`` is the length of the streamed sequence. A key may end
+    in ``@T``: it then serves n >= T only, and the largest such T wins (short sequences
+    favour smaller tiles: more programs, shorter prologues and tails)."""
     tables = _tables()
     mask = "band" if band else "full"
     names = [arch_name, "default"]
@@ -81,6 +86,10 @@ def pick(kernel: str, arch_name: str, head_block: int, band: bool) -> TileConfig
             f"{kernel}/*/{mask}",
             f"{kernel}/*/*",
         ):
+            fits = [int(k[len(key) + 1 :]) for k in table if k.startswith(key + "@")]
+            fits = [t for t in fits if t <= n]
+            if fits:
+                return TileConfig(**table[f"{key}@{max(fits)}"])
             if key in table:
                 return TileConfig(**table[key])
     raise KeyError(f"no tile config for {kernel}/{head_block}/{mask} on {arch_name}")

@@ -137,7 +137,7 @@ def forward(
     if arch == "interpret":
         interpret.patch()
     if cfg is None:
-        cfg = configs.pick("fwd", arch, max(s.BD, s.BDV), s.has_right or s.has_left)
+        cfg = configs.pick("fwd", arch, max(s.BD, s.BDV), s.has_right or s.has_left, s.Nk)
         if arch == "interpret":
             cfg = configs.interpreter_tiles(cfg, s.Nq, s.Nk)
     upcast, precision = _precision(q)
@@ -225,7 +225,7 @@ def backward(
     band = s.has_right or s.has_left
     hb = max(s.BD, s.BDV)
     if cfgs is None:
-        cfgs = configs.pick("dkdv", arch, hb, band), configs.pick("dq", arch, hb, band)
+        cfgs = configs.pick("dkdv", arch, hb, band, s.Nq), configs.pick("dq", arch, hb, band, s.Nk)
         if arch == "interpret":
             cfgs = tuple(configs.interpreter_tiles(c, s.Nq, s.Nk) for c in cfgs)
     cfg_kv, cfg_q = cfgs
