@@ -629,7 +629,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--start",
         default=None,
-        help="first length, for all variants or per variant: 'naive=4K,longflash=32K' "
+        help="first length, for all variants or per variant: 'naive=4K,longflash=32K'; "
+        "a config prefix narrows an item to one config: '1b:longflash=320K' "
         f"(default {', '.join(f'{k}={v // 1024}K' for k, v in DEFAULT_START.items())})",
     )
     ap.add_argument(
@@ -675,10 +676,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for v in args.variants:
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r} (choose from {', '.join(VARIANTS)})")
-    args.start = _variant_spec(args.start, DEFAULT_START, parse_length)
+    args.start = _start_spec(args.start, args.configs)
     args.resolution = parse_resolution(args.resolution)
     args.time_budget_s = _budget_spec(args.time_budget_s, args.configs)
     return args
+
+
+def _start_spec(text: str | None, configs: list[str]) -> dict[str, int]:
+    """ "config:variant" -> first length. Items without a config prefix apply to every
+    config; 'cfg:variant=len' items override them for one config."""
+    items = [s.strip() for s in (text or "").split(",") if s.strip()]
+    general = ",".join(i for i in items if ":" not in i.partition("=")[0])
+    base = _variant_spec(general, DEFAULT_START, parse_length)
+    out = {f"{c}:{v}": n for c in configs for v, n in base.items()}
+    for item in items:
+        name, _, value = item.partition("=")
+        cname, sep, variant = name.partition(":")
+        if not sep:
+            continue
+        if cname not in configs or variant not in VARIANTS:
+            raise SystemExit(f"--start item {item!r}: unknown config or variant")
+        out[name] = parse_length(value)
+    return out
 
 
 def _budget_spec(text: str | None, configs: list[str]) -> float | dict[str, float] | None:
@@ -831,7 +850,7 @@ def _one_search(
 
     search = find_max_length(
         probe,
-        start=args.start[variant],
+        start=args.start[f"{cfg.name}:{variant}"],
         multiple=args.multiple,
         resolution=args.resolution,
         max_length=args.max_length,
@@ -903,7 +922,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     with progress:
         for i, (cname, variant) in enumerate(jobs):
-            entry = _search_entry(CONFIGS[cname], variant, None, args.start[variant])
+            entry = _search_entry(CONFIGS[cname], variant, None, args.start[f"{cname}:{variant}"])
             doc["searches"].append(entry)
             task = progress.add_task(f"{cname} {variant}", total=None)
             share = budget.deadline(i)

@@ -193,6 +193,11 @@ def test_parsers():
     spec = mc._variant_spec("naive=2K,longflash=128K", mc.DEFAULT_START, mc.parse_length)
     assert spec == {"naive": 2 * K, "sdpa": mc.DEFAULT_START["sdpa"], "longflash": 128 * K}
     assert set(mc._variant_spec("8K", mc.DEFAULT_START, mc.parse_length).values()) == {8 * K}
+    start = mc._start_spec("naive=16K,longflash=192K,1b:longflash=320K", ["7b", "1b"])
+    assert start["7b:longflash"] == 192 * K and start["1b:longflash"] == 320 * K
+    assert start["7b:naive"] == start["1b:naive"] == 16 * K
+    with pytest.raises(SystemExit):
+        mc._start_spec("3b:naive=1K", ["7b"])
 
 
 def test_ratio_bounds():
