@@ -1113,7 +1113,10 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
                 for ax in (mem, tim):
                     ax.axvline(e["max_fit"], color=c, ls=":", lw=1)
                 mem.annotate(
-                    f"max {_k(e['max_fit'])}",
+                    # A search stopped before its bracket closed proves only a lower bound.
+                    f"max {_k(e['max_fit'])}"
+                    if e.get("first_fail")
+                    else f"≥ {_k(e['max_fit'])} ({e['stopped']})",
                     (e["max_fit"], (cap or 1) * 0.05),
                     color=c,
                     rotation=90,
