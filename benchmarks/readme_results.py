@@ -1,0 +1,231 @@
+"""The README's results section, generated from the result files under benchmarks/results/.
+
+Every figure in the block between the README's ``<!-- results:begin -->`` and
+``<!-- results:end -->`` markers is read from a committed JSON file, so the README cannot
+drift from what was measured:
+
+  python benchmarks/readme_results.py          # rewrite the block
+  python benchmarks/readme_results.py --check  # exit 1 if the block is stale (a test runs this)
+
+Sources: the GPU runs of ``longflash bench`` (bench-*.json, not --quick; where several
+files measured the same case and contender, the newest wins), ``benchmarks/max_context.py``
+(max-context-*.json), ``benchmarks/ring.py`` (ring-single-*.json) and ``benchmarks/io.py``
+(io-*.json). Only the standard library is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+PEERS = ("sdpa-flash", "sdpa-cudnn", "flex")
+PEER_NAMES = {"sdpa-flash": "FA2", "sdpa-cudnn": "cuDNN", "flex": "Flex", "naive": "plain"}
+HEADLINE_D, HEADLINE_N = 128, 16384
+
+
+def _load(pattern: str) -> list[tuple[Path, dict]]:
+    out = []
+    for p in sorted(RESULTS.glob(pattern)):
+        try:
+            out.append((p, json.loads(p.read_text())))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"{p}: unreadable result file: {exc}") from exc
+    return out
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def gpu_bench_docs() -> list[tuple[Path, dict]]:
+    """Full (not --quick) torch runs of `longflash bench` on a GPU, oldest first."""
+    docs = []
+    for path, doc in _load("bench-*.json"):
+        cfg = doc.get("config", {})
+        if cfg.get("device") == "cuda" and cfg.get("framework") == "torch" and not cfg.get("quick"):
+            docs.append((path, doc))
+    return sorted(docs, key=lambda pd: pd[1].get("date", ""))
+
+
+def merged_measurements(docs: Iterable[tuple[Path, dict]]) -> dict[tuple[str, str], dict]:
+    """(case key, contender) -> measurement, joined with its case and source file."""
+    merged: dict[tuple[str, str], dict] = {}
+    for path, doc in docs:
+        cases = {c["key"]: c for c in doc["cases"]}
+        for m in doc["measurements"]:
+            if m.get("status") != "ok" or not m.get("ms"):
+                continue
+            merged[(m["case"], m["contender"])] = dict(
+                m, case_info=cases[m["case"]], source=path.name, gpu=doc["machine"]["gpu"]
+            )
+    return merged
+
+
+def _cell(ms: dict[str, dict], name: str, peers: Iterable[str]) -> str:
+    m = ms.get(name)
+    if m is None:
+        return "–"
+    ratios = [f"{m_p['ms'] / m['ms']:.2f}× {PEER_NAMES[p]}" for p in peers if (m_p := ms.get(p))]
+    return f"{m['tflops']:.0f}" + (f" ({', '.join(ratios)})" if ratios else "")
+
+
+def kernel_table(merged: dict[tuple[str, str], dict]) -> list[str]:
+    """hd128, N = 16K (the issues' headline shape): one row per LongFlash backend."""
+    by_case: dict[str, dict[str, dict]] = {}
+    for (_key, contender), m in merged.items():
+        c = m["case_info"]
+        if c["Dqk"] == HEADLINE_D and c["Nq"] == HEADLINE_N and c["Nk"] == HEADLINE_N:
+            by_case.setdefault(f"{c['direction']}{' causal' if c['causal'] else ''}", {})[
+                contender
+            ] = m
+    cols = ("fwd", "fwd causal", "bwd", "bwd causal")
+    if not by_case:
+        return ["_No full GPU run of `longflash bench` at head dim 128, N = 16K is committed._"]
+    ours = sorted({n for ms in by_case.values() for n, m in ms.items() if m["kind"] == "longflash"})
+    peers = [p for p in PEERS if any(p in ms for ms in by_case.values())]
+    lines = [
+        "| backend | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for name in ours + peers:
+        label = f"`{name}`" if name in ours else f"{name} (peer)"
+        row = [_cell(by_case.get(c, {}), name, peers if name in ours else ()) for c in cols]
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    sources = sorted({m["source"] for ms in by_case.values() for m in ms.values()})
+    gpu = next(iter(next(iter(by_case.values())).values()))["gpu"]["name"]
+    lines += [
+        "",
+        f"TFLOP/s on one {gpu}, bf16, head dim {HEADLINE_D}, N = {_k(HEADLINE_N)}, "
+        "batch × N = 16K tokens, 16 heads; in brackets the speed-up over each peer timed in "
+        f"the same process. Source: {', '.join(f'`{s}`' for s in sources)}.",
+    ]
+    return lines
+
+
+def best_speedups(merged: dict[tuple[str, str], dict]) -> list[str]:
+    """Per LongFlash backend: the largest and smallest speed-up over FA2 and over plain
+    PyTorch attention across every measured case (the claim 'up to ...' with its range)."""
+    by_case: dict[str, dict[str, dict]] = {}
+    for (key, contender), m in merged.items():
+        by_case.setdefault(key, {})[contender] = m
+    lines = []
+    ours = sorted({n for (_, n), m in merged.items() if m["kind"] == "longflash"})
+    for name in ours:
+        parts = []
+        for peer in ("sdpa-flash", "naive"):
+            pairs = [
+                (ms[peer]["ms"] / ms[name]["ms"], ms[name]["case_info"])
+                for ms in by_case.values()
+                if name in ms and peer in ms
+            ]
+            if not pairs:
+                continue
+            lo, hi = min(pairs, key=lambda p: p[0]), max(pairs, key=lambda p: p[0])
+            ns = sorted({c["Nq"] for _, c in pairs})
+            parts.append(
+                f"{lo[0]:.2f}–{hi[0]:.2f}× {PEER_NAMES[peer]} over {len(pairs)} cases "
+                f"(N {_k(ns[0])}–{_k(ns[-1])}; best: {hi[1]['label']})"
+            )
+        if parts:
+            lines.append(f"- `{name}`: " + "; ".join(parts))
+    return lines
+
+
+def context_lines() -> list[str]:
+    lines = []
+    docs = _load("max-context-*.json")
+    if docs:
+        path, doc = docs[-1]
+        for s in doc["summary"]:
+            bound = f"≥ {s['lower']:.1f}×" if s.get("upper") is None else f"{s['ratio']:.1f}×"
+            stopped = (
+                ""
+                if s.get("longflash_first_fail")
+                else " (search stopped by its time budget: a lower bound)"
+            )
+            lines.append(
+                f"- LLaMA-architecture **{s['config'].upper()}** training step: "
+                f"plain PyTorch attention fits "
+                f"{_k(s['baseline_max'])} tokens, LongFlash {_k(s['longflash_max'])}{stopped}: "
+                f"{bound} longer (`{path.name}`)."
+            )
+    docs = _load("ring-single-*.json")
+    if docs:
+        path, doc = docs[-1]
+        t1, cfg = doc["t1"], doc["config"]
+        lines.append(
+            f"- One causal attention over **{cfg['seqlen']:,} tokens** ({cfg['heads']} heads, "
+            f"head dim {cfg['dim']}, {doc['backend']}): forward {t1['fwd_ms'] / 1e3:.1f} s "
+            f"({t1['fwd_tflops']:.0f} TFLOP/s), backward {t1['bwd_ms'] / 1e3:.1f} s "
+            f"({t1['bwd_tflops']:.0f} TFLOP/s), {t1['peak_mem_gib']:.1f} GiB (`{path.name}`)."
+        )
+    docs = _load("io-*.json")
+    if docs:
+        path, doc = docs[-1]
+        rows = [r for r in doc["rows"] if r.get("d") == HEADLINE_D and r.get("N") == HEADLINE_N]
+        ratio = _io_ratio(rows)
+        if ratio:
+            lines.append(
+                f"- HBM traffic at head dim {HEADLINE_D}, N = {_k(HEADLINE_N)} (Nsight Compute): "
+                f"plain PyTorch attention moves {ratio['fwd']:.0f}× (forward) and "
+                f"{ratio['bwd']:.0f}× (backward) the DRAM bytes of ours (`{path.name}`)."
+            )
+    return lines
+
+
+def _io_ratio(rows: list[dict]) -> dict[str, float]:
+    out = {}
+    for r in rows:
+        ours, naive = r.get("ours_measured") or {}, r.get("naive_measured") or {}
+        if ours.get("status") == naive.get("status") == "ok" and ours.get("dram"):
+            out[r["direction"]] = naive["dram"] / ours["dram"]
+    return out if len(out) == 2 else {}
+
+
+def render() -> str:
+    merged = merged_measurements(gpu_bench_docs())
+    lines = [BEGIN, "<!-- generated by benchmarks/readme_results.py: do not edit by hand -->", ""]
+    lines += kernel_table(merged)
+    speed = best_speedups(merged)
+    if speed:
+        lines += ["", "Across every case of those runs (bf16, forward and backward):", ""] + speed
+    context = context_lines()
+    if context:
+        lines += ["", "Long context and memory:", ""] + context
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def updated_readme(text: str) -> str:
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"README.md has no {BEGIN} … {END} block")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return head + render() + tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if the README is stale")
+    args = ap.parse_args(argv)
+    text = README.read_text()
+    new = updated_readme(text)
+    if args.check:
+        if new != text:
+            print("README.md's results block is stale: run python benchmarks/readme_results.py")
+            return 1
+        return 0
+    README.write_text(new)
+    print(f"rewrote the results block of {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

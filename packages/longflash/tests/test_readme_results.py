@@ -1,0 +1,80 @@
+"""The README's results block is generated from the committed result files: it must match
+what benchmarks/readme_results.py renders from them today."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "readme_results", ROOT / "benchmarks" / "readme_results.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["readme_results"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+rr = _load()
+
+
+def test_readme_block_is_up_to_date():
+    assert rr.main(["--check"]) == 0, "run python benchmarks/readme_results.py"
+
+
+def _bench_doc(path: Path, *, quick: bool, ms: dict[str, float]) -> None:
+    case = {
+        "key": "c",
+        "label": "fwd d128 N16K",
+        "direction": "fwd",
+        "causal": False,
+        "Dqk": 128,
+        "Nq": 16384,
+        "Nk": 16384,
+    }
+    doc = {
+        "date": "2026-01-01T00:00:00",
+        "config": {"device": "cuda", "framework": "torch", "quick": quick},
+        "machine": {"gpu": {"name": "GPU"}},
+        "cases": [case],
+        "measurements": [
+            {
+                "case": "c",
+                "contender": name,
+                "status": "ok",
+                "ms": t,
+                "tflops": 100 / t,
+                "kind": "longflash" if name == "ours" else "peer",
+            }
+            for name, t in ms.items()
+        ],
+    }
+    path.write_text(json.dumps(doc))
+
+
+def test_table_reads_ratios_from_the_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(rr, "RESULTS", tmp_path)
+    _bench_doc(
+        tmp_path / "bench-a.json", quick=False, ms={"ours": 1.0, "sdpa-flash": 2.0, "naive": 9.0}
+    )
+    # A --quick run is a smoke test: it must not feed the table.
+    _bench_doc(tmp_path / "bench-b.json", quick=True, ms={"ours": 100.0, "sdpa-flash": 1.0})
+    text = rr.render()
+    assert "| `ours` | 100 (2.00× FA2) |" in text
+    assert "2.00–2.00× FA2" in text and "9.00–9.00× plain" in text
+
+
+def test_stale_block_is_reported(tmp_path, monkeypatch):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{rr.BEGIN}\nold\n{rr.END}\ny\n")
+    monkeypatch.setattr(rr, "README", readme)
+    monkeypatch.setattr(rr, "RESULTS", tmp_path)
+    assert rr.main(["--check"]) == 1
+    assert rr.main([]) == 0 and rr.main(["--check"]) == 0
+    assert readme.read_text().startswith("x\n") and readme.read_text().endswith("\ny\n")
