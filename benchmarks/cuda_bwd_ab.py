@@ -1,13 +1,16 @@
 """A/B timing of the cuda backend's backward variants (LONGFLASH_CUDA_BWD) in one process, next
-to SDPA flash and cuDNN, at hd128 bf16 N=16K H=16 (causal and not).
+to SDPA flash and cuDNN, bf16 H=16 B=1 (causal and not), for each sequence length and head dim.
 
 The variant is read by the library on every call, so one process times them all on the same
 inputs. `timing-no-dq-add` drops the dQ reductions (its dQ is wrong): it only measures what the
-reductions cost. Each variant's dQ/dK/dV are compared with v2's (the validated path).
+reductions cost. v3 and v4 exist at hd128 only (elsewhere the library runs v2 for them), so other
+head dims time the first variant alone. Each variant's dQ/dK/dV are compared with the first
+variant's (v2: the validated path). "default" times whatever LONGFLASH_CUDA_BWD unset selects.
 
     LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so \
     PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src \
-        python benchmarks/cuda_bwd_ab.py --out ab.json [--variants v2,v3,timing-no-dq-add]
+        python benchmarks/cuda_bwd_ab.py --out ab.json [--variants v2,v3,v4] \
+            [--seqlens 4096,16384] [--dims 64,128,256]
 """
 
 from __future__ import annotations
@@ -32,20 +35,42 @@ from cuda_check import bench, rel  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="cuda_bwd_ab.json")
-    ap.add_argument("--variants", default="v2,v3,timing-no-dq-add")
-    ap.add_argument("--seqlen", type=int, default=16384)
+    ap.add_argument("--variants", default="v2,v3,v4")
+    ap.add_argument("--seqlens", default="16384")
     ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--dims", default="128")
     args = ap.parse_args()
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name()}
+    rows: list[dict] = []
+    for n in (int(x) for x in args.seqlens.split(",")):
+        for d in (int(x) for x in args.dims.split(",")):
+            variants = args.variants.split(",")
+            if d != 128:
+                variants = variants[:1]
+            rows += measure(n, args.heads, d, variants)
+            report["timings"] = rows
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+    print(json.dumps(rows, indent=1))
+    names = [v for v in args.variants.split(",")] + ["flash", "cudnn"]
+    print("\nbwd TFLOP/s (ms)  N  D  causal | " + " | ".join(names))
+    for r in rows:
+        cells = []
+        for v in names:
+            t = r.get(f"{v}_bwd_ms")
+            cells.append(f"{r[f'{v}_bwd_tflops']:.0f} ({t:.2f})" if t else "-")
+        print(f"{r['N']:>6} {r['D']:>4} {str(r['causal']):>5} | " + " | ".join(cells))
+    return 0
+
+
+def measure(n: int, h: int, d: int, variants: list[str]) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    n, h, d = args.seqlen, args.heads, args.dim
     torch.manual_seed(0)
     q = torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn_like(q)
     v = torch.randn_like(q)
     qt, kt, vt = (x.transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name()}
     rows = []
     for causal in (False, True):
         flops = 2.5 * 4 * n * n * h * d * (0.5 if causal else 1.0)
@@ -54,20 +79,25 @@ def main() -> int:
         dout = torch.randn_like(out)
         row = {"causal": causal, "N": n, "H": h, "D": d}
         ref = None
-        for var in args.variants.split(","):
-            os.environ["LONGFLASH_CUDA_BWD"] = var
+        for var in variants:
+            if var == "default":
+                os.environ.pop("LONGFLASH_CUDA_BWD", None)
+            else:
+                os.environ["LONGFLASH_CUDA_BWD"] = var
             grads = _torch.backward(call, dout, q, k, v, out, lse)
             torch.cuda.synchronize()
             if ref is None:
                 ref = [g.clone() for g in grads]
             else:
                 for name, g, r in zip(("dq", "dk", "dv"), grads, ref):
-                    row[f"{var}_{name}_rel_vs_{args.variants.split(',')[0]}"] = rel(g, r)
+                    row[f"{var}_{name}_rel_vs_{variants[0]}"] = rel(g, r)
             t = bench(partial(_torch.backward, call, dout, q, k, v, out, lse))
             row[f"{var}_bwd_ms"] = t
             row[f"{var}_bwd_tflops"] = flops / t / 1e9
             print(
                 var,
+                n,
+                d,
                 "causal" if causal else "dense",
                 f"{t:.2f} ms {flops / t / 1e9:.0f} TFLOP/s",
                 flush=True,
@@ -86,6 +116,8 @@ def main() -> int:
                     row[f"{name}_bwd_tflops"] = flops / t / 1e9
                     print(
                         name,
+                        n,
+                        d,
                         "causal" if causal else "dense",
                         f"{flops / t / 1e9:.0f} TFLOP/s",
                         flush=True,
@@ -93,11 +125,10 @@ def main() -> int:
             except Exception as exc:  # a peer missing on this machine is reported, not fatal
                 row[f"{name}_error"] = repr(exc)
         rows.append(row)
-        report["timings"] = rows
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-    print(json.dumps(rows, indent=1))
-    return 0
+        del out, lse, dout
+    del q, k, v, qt, kt, vt
+    torch.cuda.empty_cache()
+    return rows
 
 
 if __name__ == "__main__":

@@ -256,6 +256,12 @@ def cases(quick: bool, compiled):
             name="hd128 deterministic causal", B=2, Nq=333, Nk=333, causal=True, deterministic=True
         ),
         dict(name="hd128 fp16 dense", Nq=1000, Nk=1000, dtype=fp),
+        # Edges of v4's 128-key blocks: a block whose second 64-key half is past the sequence,
+        # narrow bands where one half of a block sees nothing, long GQA loops with the rotation.
+        dict(name="hd128 causal Nk=40", Nq=40, Nk=40, causal=True),
+        dict(name="hd128 window(10,10)", Nq=1000, Nk=1000, window=(10, 10)),
+        dict(name="hd128 gqa4 causal 2k", Hq=8, Hk=2, Nq=2048, Nk=2048, causal=True),
+        dict(name="hd128 softcap gqa fp16", Hq=4, Hk=2, Nq=320, Nk=700, softcap=20.0, dtype=fp),
     ]
     for d, dv in ((64, 64), (96, 96), (192, 192), (192, 128), (256, 256)):
         for dt in (bf, fp):

@@ -261,13 +261,16 @@ lf_status cuda_fail(cudaError_t err, char const* what) {
 
 size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
-// Backward variant from LONGFLASH_CUDA_BWD ("v2" or "v3"; default v2, the GPU-validated one). Read
-// on every call (cheap next to a launch) so a process can switch it for A/B timing.
+// Backward variant from LONGFLASH_CUDA_BWD ("v2", "v3" or "v4"; default v2, the GPU-validated
+// one). Read on every call (cheap next to a launch) so a process can switch it for A/B timing.
+// v4 covers hd128 outside the deterministic mode; other calls that ask for it run v2.
 int bwd_version() {
   char const* e = std::getenv("LONGFLASH_CUDA_BWD");
   if (e == nullptr) return 2;
   if (std::strcmp(e, "v3") == 0 || std::strcmp(e, "3") == 0) return 3;
+  if (std::strcmp(e, "v4") == 0 || std::strcmp(e, "4") == 0) return 4;
   if (std::strcmp(e, "timing-no-dq-add") == 0) return kBwdTimingNoDqAdd;
+  if (std::strcmp(e, "timing-v4-no-dq-add") == 0) return kBwdTimingV4NoDqAdd;
   return 2;
 }
 

@@ -55,12 +55,16 @@ struct BwdArgs {
   const float* lse;
   char* workspace;
   BwdWorkspace ws;
-  int bwd_version;  // dQ accumulation: 2 = per-thread REDs, 3 = smem staging + TMA bulk reduce
+  // 2 = 64-key blocks, dQ by per-thread REDs; 3 = the same with smem staging + TMA bulk reduce;
+  // 4 = 128-key blocks, one warpgroup per 64 keys (bwd_v4.cuh; hd128 only, else v2).
+  int bwd_version;
 };
 
 // LONGFLASH_CUDA_BWD=timing-no-dq-add: the backward without its dQ reductions (dQ comes out wrong).
 // It exists to measure what the reductions cost; nothing but benchmarks/cuda_bwd_ab.py sets it.
 constexpr int kBwdTimingNoDqAdd = -1;
+// LONGFLASH_CUDA_BWD=timing-v4-no-dq-add: the same experiment on v4 (hd128; dQ comes out wrong).
+constexpr int kBwdTimingV4NoDqAdd = -4;
 
 // Kernel entry points, one explicit instantiation per (dtype, Dqk, Dv) in generated units. The dtype
 // is a bool so that this header (and api.cpp) need no CUTLASS types.

@@ -1,22 +1,80 @@
 // Host side of the sm90 backward: TMA descriptors and the launch of the main kernel (one CTA per
-// (key block, kv head, sequence)). The preprocess/postprocess kernels live in aux_kernels.cu.
-// Target: sm_90a.
+// (key block, kv head, sequence)), v2/v3 (64-key blocks) or v4 (128-key blocks, hd128 only).
+// The preprocess/postprocess kernels live in aux_kernels.cu. Target: sm_90a.
 #pragma once
 
 #include "bwd.cuh"
+#include "bwd_v4.cuh"
 #include "launch_common.cuh"
 
 namespace longflash::sm90 {
 
+// v4 takes the shapes it is written for, outside the deterministic mode (whose semaphore order
+// is per 64-key block); every other call runs v2/v3.
+template <typename Element, int kDqk, int kDv>
+bool bwd_v4_applies(BwdArgs const& a) {
+  return BwdKernelV4<Element, kDqk, kDv>::kSupported &&
+         (a.bwd_version == 4 || a.bwd_version == kBwdTimingV4NoDqAdd) && !a.s.deterministic;
+}
+
+template <typename Element, int kDqk, int kDv>
+cudaError_t launch_bwd_v4(BwdArgs const& a, cudaStream_t stream) {
+  using K = BwdKernelV4<Element, kDqk, kDv>;
+  AttnShape const& s = a.s;
+  typename K::Params p{
+      make_tma_copy(SM90_TMA_LOAD{},
+                    gmem_view<Element>(a.q, s.rows_q, kDqk, s.heads_q, s.tma_batch),
+                    take<0, 2>(typename K::SmemLayoutQ{}), Shape<Int<K::kBlockM>, Int<kDqk>>{},
+                    _1{}),
+      make_tma_copy(SM90_TMA_LOAD{},
+                    gmem_view<Element>(a.k, s.rows_k, kDqk, s.heads_k, s.tma_batch),
+                    typename K::SmemLayoutK{}, Shape<Int<K::kBlockN>, Int<kDqk>>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Element>(a.v, s.rows_k, kDv, s.heads_k, s.tma_batch),
+                    typename K::SmemLayoutV{}, Shape<Int<K::kBlockN>, Int<kDv>>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{},
+                    gmem_view<Element>(a.dout, s.rows_q, kDv, s.heads_q, s.tma_batch),
+                    take<0, 2>(typename K::SmemLayoutdO{}), Shape<Int<K::kBlockM>, Int<kDv>>{},
+                    _1{}),
+      s,
+      static_cast<Element*>(a.dk.ptr),
+      a.dk.batch_stride,
+      a.dk.seq_stride,
+      a.dk.head_stride,
+      static_cast<Element*>(a.dv.ptr),
+      a.dv.batch_stride,
+      a.dv.seq_stride,
+      a.dv.head_stride,
+      reinterpret_cast<float*>(a.workspace + a.ws.dq_accum),
+      reinterpret_cast<float const*>(a.workspace + a.ws.lse_log2),
+      reinterpret_cast<float const*>(a.workspace + a.ws.dpsum),
+      (s.softcap > 0.f ? 1.f : s.scale) * kLog2e,
+      s.softcap,
+      s.softcap > 0.f ? s.scale / s.softcap : 0.f,
+      a.bwd_version == kBwdTimingV4NoDqAdd,
+  };
+  auto kernel = bwd_kernel_v4<K>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         K::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  dim3 grid((s.seqlen_k + K::kBlockN - 1) / K::kBlockN, s.heads_k, s.batch);
+  kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <typename Element, int kDqk, int kDv>
 cudaError_t launch_bwd(BwdArgs const& a, cudaStream_t stream) {
+  if constexpr (BwdKernelV4<Element, kDqk, kDv>::kSupported) {
+    if (bwd_v4_applies<Element, kDqk, kDv>(a)) return launch_bwd_v4<Element, kDqk, kDv>(a, stream);
+  }
   using K = BwdKernel<Element, kDqk, kDv>;
   AttnShape const& s = a.s;
   typename K::Params p{
-      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Element>(a.q, s.rows_q, kDqk, s.heads_q, s.tma_batch),
+      make_tma_copy(SM90_TMA_LOAD{},
+                    gmem_view<Element>(a.q, s.rows_q, kDqk, s.heads_q, s.tma_batch),
                     take<0, 2>(typename K::SmemLayoutQ{}), Shape<Int<K::kBlockM>, Int<kDqk>>{},
                     _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Element>(a.k, s.rows_k, kDqk, s.heads_k, s.tma_batch),
+      make_tma_copy(SM90_TMA_LOAD{},
+                    gmem_view<Element>(a.k, s.rows_k, kDqk, s.heads_k, s.tma_batch),
                     typename K::SmemLayoutK{}, Shape<Int<K::kBlockN>, Int<kDqk>>{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Element>(a.v, s.rows_k, kDv, s.heads_k, s.tma_batch),
                     typename K::SmemLayoutV{}, Shape<Int<K::kBlockN>, Int<kDv>>{}, _1{}),
@@ -41,7 +99,7 @@ cudaError_t launch_bwd(BwdArgs const& a, cudaStream_t stream) {
       s.softcap,
       s.softcap > 0.f ? s.scale / s.softcap : 0.f,
       // The deterministic order releases a semaphore after its REDs land; v3 keeps to v2 there.
-      a.bwd_version >= 3 && !s.deterministic && K::kDqBufs > 0,
+      a.bwd_version == 3 && !s.deterministic && K::kDqBufs > 0,
       a.bwd_version == kBwdTimingNoDqAdd,
   };
   auto kernel = bwd_kernel<K>;

@@ -100,3 +100,51 @@ def test_cuda_graph_and_compile():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager.detach())
+
+
+@pytest.mark.parametrize("variant", ["v2", "v3", "v4"])
+@pytest.mark.parametrize(
+    "nq,nk,hq,hk,causal,window",
+    [
+        (300, 300, 4, 4, False, None),
+        (555, 200, 8, 2, True, None),  # bottom-right causal with empty query rows, GQA
+        (40, 40, 2, 1, True, None),  # one 128-key block whose second half is past the keys
+        (700, 700, 2, 2, False, (10, 10)),  # narrow band: half-blocks that see nothing
+    ],
+)
+def test_backward_variants_match_float64(monkeypatch, variant, nq, nk, hq, hk, causal, window):
+    """Every LONGFLASH_CUDA_BWD variant (v4: 128-key blocks; hd128 only) against float64
+    autograd, with NaN-poisoned memory under the outputs so an unwritten element fails."""
+    from longflash.frontends import torch as lft
+    from longflash_cuda import _torch
+
+    monkeypatch.setenv("LONGFLASH_CUDA_BWD", variant)
+    torch.manual_seed(0)
+    q = torch.randn(1, nq, hq, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, nk, hk, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, nk, hk, 128, device="cuda", dtype=torch.bfloat16)
+    call = lft.make_call(q, k, v, causal=causal, window=window)
+    out, lse = _torch.forward(call, q, k, v)
+    dout = torch.randn_like(out)
+    poison = torch.full((1 << 26,), float("nan"), device="cuda")
+    del poison
+    grads = _torch.backward(call, dout, q, k, v, out, lse)
+
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    g = hq // hk
+    s = torch.einsum("bqhd,bkhd->bhqk", qd, kd.repeat_interleave(g, 2)) * call.scale
+    i = torch.arange(nq, device="cuda")[:, None]
+    j = torch.arange(nk, device="cuda")[None, :]
+    vis = torch.ones(nq, nk, dtype=torch.bool, device="cuda")
+    if call.window is not None:
+        left, right = call.window
+        if right is not None:
+            vis &= j - i <= nk - nq + right
+        if left is not None:
+            vis &= j - i >= nk - nq - left
+    p = torch.softmax(s.masked_fill(~vis, -math.inf), -1).nan_to_num(0.0)
+    ref = torch.einsum("bhqk,bkhd->bqhd", p, vd.repeat_interleave(g, 2))
+    ref.backward(dout.double())
+    for got, want in zip(grads, (qd.grad, kd.grad, vd.grad)):
+        assert not torch.isnan(got).any()
+        assert _rel(got, want) < 3e-2
