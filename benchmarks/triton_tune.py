@@ -166,26 +166,62 @@ def candidates_v2(kernel: str, d: int, causal: bool) -> list[Any]:
     return [T(bm, bn, w, st, tma=True) for bm, bn, w, st in tiles]
 
 
+def candidates_v3(kernel: str, d: int, causal: bool) -> list[Any]:
+    """Round 2 of issue 3 (hd128; NOTES-triton.md, v5): the query-major dK/dV body (qmajor)
+    at the tiles the key-major one could not hold without spilling, against the committed
+    key-major tiles. Other kernels and head dims: the table's config only."""
+    from longflash_triton.configs import TileConfig as T
+
+    if _hb(d) != 128 or kernel != "dkdv":
+        return []
+    # (BM, BN, warps, stages, qmajor); TMA on for every one (query-major: 2-D maps for the
+    # mask-free blocks, pointers for the masked ones), plus the pointer path of the first
+    # query-major tile. 3 stages of 128-row Q/dO tiles exceed the 227 KB of shared memory.
+    tiles = [(64, 128, 8, 3, False), (32, 128, 8, 2, False)]  # v4's winners (full, band)
+    tiles += [(128, 64, 8, 2, True), (64, 64, 4, 2, True), (64, 64, 4, 3, True)]
+    out = [T(bm, bn, w, st, tma=True, qmajor=qm) for bm, bn, w, st, qm in tiles]
+    return out + [T(128, 64, 8, 2, tma=False, qmajor=True)]
+
+
+SPACES = {"v1": candidates, "v2": candidates_v2, "v3": candidates_v3}
+
+
 def _hb(d: int) -> int:
     return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
+def table_config(kernel: str, p: Problem, device: str = "cuda"):
+    """The config the committed (or in-process updated) table gives this problem."""
+    import torch
+    from longflash_triton import configs
+
+    arch = configs.arch(torch.device(device))
+    band = p.causal or p.window is not None
+    hb = max(16, 1 << (p.D - 1).bit_length())
+    n = p.nk if kernel in ("fwd", "dq") else p.N
+    return configs.pick(kernel, arch, hb, band, n)
+
+
 def run_variant(kernel: str, p: Problem, cfg, tensors, fwd_out=None):
     """Launch one kernel family with an explicit config; returns what the next step needs."""
-    from longflash_triton import configs, launch
+    from longflash_triton import launch
 
     call = make_call(p, "cuda")
     q, k, v, do = tensors
     if kernel == "fwd":
         return launch.forward(call, q, k, v, cfg=cfg)
     out, lse = fwd_out
-    arch = configs.arch(q.device)
-    band = p.causal or p.window is not None
-    hb = max(16, 1 << (p.D - 1).bit_length())
-    default_kv = configs.pick("dkdv", arch, hb, band, p.N)
-    default_q = configs.pick("dq", arch, hb, band, p.nk)
+    default_kv, default_q = table_config("dkdv", p), table_config("dq", p)
     cfgs = (cfg, default_q) if kernel == "dkdv" else (default_kv, cfg)
     return launch.backward(call, do, q, k, v, out, lse, cfgs=cfgs)
+
+
+def err_vs_table(kernel: str, p: Problem, cfg, tensors, fwd_out) -> float:
+    """Largest relative Frobenius difference of (dq, dk, dv) between this config and the
+    table's on the same inputs: a wrong variant shows as O(1), bf16 reordering as ~1e-3."""
+    got = run_variant(kernel, p, cfg, tensors, fwd_out)
+    ref = run_variant(kernel, p, table_config(kernel, p), tensors, fwd_out)
+    return max(_rel(a, b) for a, b in zip(got, ref))
 
 
 # -- offline compile (no GPU) ----------------------------------------------------------
@@ -228,7 +264,7 @@ class _Recorder:
         return launch
 
 
-def compile_offline(jobs, arch: int = 90) -> list[dict]:
+def compile_offline(jobs, arch: int = 90, dump: str | None = None) -> list[dict]:
     """Compile recorded launches for cuda:arch with the same constexprs and divisibility
     hints the JIT would use; report registers, spills and shared memory per kernel."""
     import torch
@@ -273,6 +309,12 @@ def compile_offline(jobs, arch: int = 90) -> list[dict]:
             usage = subprocess.run(
                 [str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True
             ).stdout
+        if dump:  # the IR of each variant, to read where the registers go
+            stem = Path(dump) / "".join(ch if ch.isalnum() else "_" for ch in name)
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            for ext in ("ttgir", "ptx"):
+                stem.with_suffix("." + ext).write_text(k.asm[ext])
+            stem.with_suffix(".cubin").write_bytes(k.asm["cubin"])
         regs = _field(usage, "REG:")
         stack = _field(usage, "STACK:")
         ptx = k.asm["ptx"]
@@ -285,16 +327,48 @@ def compile_offline(jobs, arch: int = 90) -> list[dict]:
             "tma": ptx.count("cp.async.bulk.tensor"),
             "reduce": ptx.count("cp.reduce.async.bulk") + ptx.count("red.global"),
             "ws": k.asm["ttgir"].count("ttg.warp_specialize"),
+            "loop_spills": loop_spills(k.asm["cubin"], cuobjdump),
             "compile_s": round(time.time() - t0, 1),
         }
         rows.append(row)
         print(
-            f"{name:58s} regs {regs:>4} stack {stack:>4} smem {row['smem']:>6} "
+            f"{name:58s} regs {regs:>4} stack {stack:>4} loop-spills {row['loop_spills']} "
+            f"smem {row['smem']:>6} "
             f"wgmma {row['wgmma']:>3} tma {row['tma']:>2} red {row['reduce']:>3} ws {row['ws']} "
             f"({row['compile_s']} s)",
             flush=True,
         )
     return rows
+
+
+def loop_spills(cubin: bytes, cuobjdump: Path) -> list[int]:
+    """Local-memory loads/stores (LDL/STL) inside each innermost loop that issues HGMMA,
+    from the SASS: spills there cost on every step; the stack size alone does not say
+    where they are (address scalars spilled around the loops cost next to nothing)."""
+    import re
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True)
+    ins = []
+    for line in sass.stdout.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2)))
+    loops = []
+    for addr, text in ins:
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:  # a backward branch closes a loop
+            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            if any("HGMMA" in t for t in body):
+                loops.append((int(m.group(1), 16), addr, body))
+    inner = [
+        body
+        for lo, hi, body in loops
+        if not any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2, _ in loops)
+    ]
+    return [sum(t.startswith(("LDL", "STL")) for t in body) for body in inner]
 
 
 def _field(text: str, key: str) -> str:
@@ -319,7 +393,7 @@ def cmd_compile(args) -> None:
         for causal in [m == "causal" for m in args.masks]:
             p = standard_problem(d, 1024, causal)
             for kernel in args.kernels:
-                space = candidates_v2 if args.space == "v2" else candidates
+                space = SPACES[args.space]
                 cands = space(kernel, d, causal) if args.all else [None]
                 for cfg in cands:
                     tensors = make_inputs(p, "cpu")
@@ -348,7 +422,7 @@ def cmd_compile(args) -> None:
                                     dict(kw),
                                 )
                             )
-    compile_offline(jobs, args.arch)
+    compile_offline(jobs, args.arch, args.dump)
 
 
 # -- GPU helpers -----------------------------------------------------------------------
@@ -651,7 +725,7 @@ def _guard(fn, *a):
 # -- tuning --------------------------------------------------------------------------
 def _tune_jobs(head_dims, ns, space="v1", kernels=("fwd", "dkdv", "dq")) -> list:
     jobs = []
-    pick = candidates_v2 if space == "v2" else candidates
+    pick = SPACES[space]
     for d in head_dims:
         for n in ns:
             for causal in (False, True):
@@ -698,6 +772,7 @@ def cmd_tune(args) -> dict:
         try:
             t = make_inputs(p, "cuda")
             fo = None if kernel == "fwd" else run_variant("fwd", p, None, t)
+            err = None if kernel == "fwd" else err_vs_table(kernel, p, cfg, t, fo)
             ms = _bench(functools.partial(run_variant, kernel, p, cfg, t, fo), warmup=10, rep=40)
         except Exception as exc:
             rows.append(
@@ -712,15 +787,27 @@ def cmd_tune(args) -> dict:
         # TFLOP/s of this kernel's share: dK/dV does 4 of the 7 backward products, dQ 3
         share = {"fwd": 1.0, "dkdv": 2.0, "dq": 1.5}[kernel]
         tflops = share * p.flops() / ms / 1e9
-        rows.append(
-            {
-                "kernel": kernel,
-                "problem": p.label(),
-                "config": dataclasses.asdict(cfg),
-                "ms": ms,
-                "tflops": tflops,
-            }
-        )
+        row = {
+            "kernel": kernel,
+            "problem": p.label(),
+            "config": dataclasses.asdict(cfg),
+            "ms": ms,
+            "tflops": tflops,
+        }
+        if err is not None:  # dK/dV and dQ variants are timed as the whole backward
+            row["bwd_tflops"] = p.flops(True) / ms / 1e9
+            row["err_vs_table"] = err
+        rows.append(row)
+        if args.space == "v3":
+            print(
+                f"  {kernel:5s} {p.label():30s} {ms:8.3f} ms  bwd {p.flops(True) / ms / 1e9:5.0f}"
+                f" TFLOP/s  err {err:.1e}  {cfg}",
+                flush=True,
+            )
+        if err is not None and not err <= TOL["bfloat16"]:
+            print(f"  WRONG ({err:.2e} vs the table's result): left out  {cfg}", flush=True)
+            row["wrong"] = True
+            continue
         key = (kernel, p.D, p.causal, p.N)
         if key not in best or ms < best[key][0]:
             best[key] = (ms, cfg, tflops)
@@ -750,7 +837,7 @@ def _weighted_best(rows: list[dict], best: dict) -> dict:
     each N, has the smallest geometric mean (a config missing at some N is out)."""
     groups: dict = {}
     for r in rows:
-        if "ms" not in r:
+        if "ms" not in r or r.get("wrong"):
             continue
         causal = r["problem"].endswith("causal")
         d = int(r["problem"].split()[0][2:])
@@ -819,7 +906,7 @@ def _flex_setup() -> None:
     torch._functorch.config.donated_buffer = False
 
 
-def bench_one(p: Problem, impls: list[str]) -> list[dict]:
+def bench_one(p: Problem, impls: list[str], bwd_only: bool = False) -> list[dict]:
     import longflash
     import torch
 
@@ -840,7 +927,7 @@ def bench_one(p: Problem, impls: list[str]) -> list[dict]:
                 q, k, v = (x.requires_grad_() for x in (q, k, v))
                 f = dict(_peers(p))[name](q, k, v)
             out = f()
-            fwd_ms = _bench(f)
+            fwd_ms = float("nan") if bwd_only else _bench(f)
             out = f()
             bwd_ms = _bench(
                 functools.partial(torch.autograd.grad, out, (q, k, v), do, retain_graph=True)
@@ -929,8 +1016,8 @@ def cmd_bench(args, sink=None, warmed: bool = False) -> list[dict]:
         warm_flex(args)
     rows = []
     for p in probs:
-        impls = ["triton", "sdpa_flash", "sdpa_cudnn"] + (["flex"] if p in flex_probs else [])
-        rows += bench_one(p, impls)
+        impls = ["triton"] + [n for n in args.peers if n != "flex" or p in flex_probs]
+        rows += bench_one(p, impls, args.bwd_only)
         if sink is not None:  # keep what is measured if the call runs out of time
             sink(rows)
     return rows
@@ -965,6 +1052,31 @@ def summary(rows: list[dict]) -> str:
                     else f"{'-':>{width}s}"
                 )
         lines.append(f"{lab:33s} " + " ".join(cells[:4]) + " | " + " ".join(cells[4:]))
+    return "\n".join(lines)
+
+
+def summary_variants(tune_rows: list[dict], bench_rows: list[dict]) -> str:
+    """Every timed backward variant against the peers benched in the same process."""
+    peers = {
+        (r["label"], r["impl"]): r["bwd_tflops"]
+        for r in bench_rows
+        if "error" not in r and r["impl"] != "triton"
+    }
+    lines = [f"{'problem':30s} {'bwd':>5s} {'xFlex':>6s} {'xFA2':>6s} {'err':>8s}  variant"]
+    for r in sorted(
+        (r for r in tune_rows if "bwd_tflops" in r),
+        key=lambda r: (r["problem"], -r["bwd_tflops"]),
+    ):
+        cfg = {k: v for k, v in r["config"].items() if v is not False}
+        ratios = []
+        for peer in ("flex", "sdpa_flash"):
+            ref = peers.get((r["problem"], peer))
+            ratios.append(f"{r['bwd_tflops'] / ref:6.3f}" if ref else f"{'-':>6s}")
+        flag = "  WRONG" if r.get("wrong") else ""
+        lines.append(
+            f"{r['problem']:30s} {r['bwd_tflops']:5.0f} {' '.join(ratios)} "
+            f"{r['err_vs_table']:8.1e}  {cfg}{flag}"
+        )
     return "\n".join(lines)
 
 
@@ -1055,6 +1167,9 @@ def cmd_all(args) -> None:
     (out_dir / f"{args.tag}.json").write_text(json.dumps(res, indent=1, default=str))
     if res.get("bench"):
         print("\n" + summary(res["bench"]))
+        if isinstance(res.get("tune"), dict) and res["tune"].get("rows"):
+            print("\n" + summary_variants(res["tune"]["rows"], res["bench"]))
+            print("table written:", res["tune"].get("best"))
     if res.get("check"):
         bad = [r for r in res["check"] if not r.get("ok")]
         print(f"\ncheck: {len(res['check']) - len(bad)}/{len(res['check'])} OK")
@@ -1114,8 +1229,9 @@ def main() -> None:
     c.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     c.add_argument("--kernels", nargs="+", default=["fwd", "dkdv", "dq"])
     c.add_argument("--all", action="store_true", help="every tuning candidate, not the table")
-    c.add_argument("--space", choices=["v1", "v2"], default="v1", help="candidate set")
+    c.add_argument("--space", choices=list(SPACES), default="v1", help="candidate set")
     c.add_argument("--masks", nargs="+", default=["full", "causal"])
+    c.add_argument("--dump", default=None, help="write each variant's TTGIR and PTX here")
     for name in ("check", "tune", "bench", "all"):
         c = sub.add_parser(name)
         c.add_argument("--long", action="store_true", help="also N = 128K")
@@ -1134,8 +1250,15 @@ def main() -> None:
         )
         c.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
         c.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
-        c.add_argument("--space", choices=["v1", "v2"], default="v1", help="tune candidates")
+        c.add_argument("--space", choices=list(SPACES), default="v1", help="tune candidates")
         c.add_argument("--tune-kernels", nargs="+", default=["fwd", "dkdv", "dq"])
+        c.add_argument(
+            "--peers",
+            nargs="*",
+            default=["sdpa_flash", "sdpa_cudnn", "flex"],
+            help="implementations benched next to ours",
+        )
+        c.add_argument("--bwd-only", action="store_true", help="bench: time the backward only")
         c.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
         c.add_argument("--flex-workers", type=int, default=4)
         c.add_argument("--flex-min-n", type=int, default=4096)

@@ -1,7 +1,8 @@
 # Backward: delta = rowsum(dO * O); dK, dV with the K/V block resident (loop over query blocks
 # of every query head of its group); dQ with the Q block resident (loop over key blocks).
-# Tiles: dK/dV BN keys x BM queries, dQ BM queries x BN keys; Q/dO, K/V read once per block.
-# Target: any GPU Triton supports (sm80+, ROCm) and the interpreter; TMA loads on sm90.
+# Tiles: dK/dV BN keys x BM queries (key- or query-major body), dQ BM queries x BN keys;
+# Q/dO, K/V read once per block. Target: any GPU Triton supports (sm80+, ROCm) and the
+# interpreter; TMA loads on sm90 (4-D tiles; 2-D maps for the query-major dK/dV body).
 """Backward kernels. Deterministic: every gradient element is written by one program, no
 atomics. Scores are recomputed from the base-2 lse written by the preprocess kernel."""
 
@@ -98,9 +99,17 @@ def _dkdv_blocks(
     STAGES: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    QMAJOR: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key block over query blocks [m_lo, m_hi). Everything is
-    computed transposed (keys x queries), so that P^T and dS^T feed the MMAs from registers."""
+    """Accumulate dK, dV of one key block over query blocks [m_lo, m_hi).
+
+    Key-major (QMAJOR False): everything is computed transposed (keys x queries), so that
+    P^T and dS^T feed the MMAs from registers. Query-major (QMAJOR True): S = Q K^T with
+    queries as rows, and the accumulators are dK^T, dV^T (dK^T += Q^T dS, dV^T += dO^T P).
+    Why: lse and delta become per-row values (2 registers a thread instead of BM/4 each),
+    and every MMA reads both operands from shared memory (K and V resident there, P and dS
+    staged there), so no bf16 operand tile stays live in registers while the MMAs run; it
+    pays a shared-memory round trip of P and dS (2 x BM x BN x 2 bytes a step)."""
     rows = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
@@ -108,9 +117,16 @@ def _dkdv_blocks(
     do_offs = rows[:, None] * sdn + offs_dv[None, :]
     off = len_q - len_k
     for m0 in tl.range(m_lo, m_hi, BM, num_stages=STAGES):
-        if TMA:
+        if TMA and not QMAJOR:
             q = q_desc.load([b, m0, h, 0]).reshape(BM, BD)
             do = do_desc.load([b, m0, h, 0]).reshape(BM, BDV)
+        elif TMA and not MASKED:
+            # Query-major reads Q and dO as MMA A operands; from a 4-D tile the reshape would
+            # make Triton hoist them into registers, so these are 2-D (B*Nq, H*D) maps. A
+            # 2-D box does not stop at a sequence's end: only the mask-free blocks, which
+            # lie inside it, use them; the masked ones use the pointer path.
+            q = q_desc.load([b * len_q + m0, h * BD])
+            do = do_desc.load([b * len_q + m0, h * BDV])
         else:
             q = load_tile(
                 q_base + tl.cast(m0, tl.int64) * sqn + q_offs,
@@ -136,27 +152,50 @@ def _dkdv_blocks(
         else:
             lse2 = tl.load(lse_base + m0 + rows)
             delta = tl.load(delta_base + m0 + rows)
-        qk_t = dot(k, tl.trans(q), None, UPCAST, PRECISION)
-        x_t, t_t = scores(qk_t, qk_scale, cap2, SOFTCAP)
-        if MASKED:
-            vis = band_mask(
-                offs_n[:, None],
-                m0 + rows[None, :],
-                len_q,
-                off,
-                win_right,
-                win_left,
-                HAS_RIGHT,
-                HAS_LEFT,
-            )
-            x_t = tl.where(vis, x_t, float("-inf"))
-        p_t = tl.math.exp2(x_t - lse2[None, :])
-        dv = dot(p_t.to(do.dtype), do, dv, UPCAST, PRECISION)
-        dp_t = dot(v, tl.trans(do), None, UPCAST, PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if SOFTCAP:
-            ds_t = ds_t * (1.0 - t_t * t_t)
-        dk = dot(ds_t.to(q.dtype), q, dk, UPCAST, PRECISION)
+        if QMAJOR:
+            qk = dot(q, tl.trans(k), None, UPCAST, PRECISION)
+            x, t = scores(qk, qk_scale, cap2, SOFTCAP)
+            if MASKED:  # rows past len_q have lse2 = +inf, hence P = 0
+                vis = band_mask(
+                    m0 + rows[:, None],
+                    offs_n[None, :],
+                    len_k,
+                    -off,
+                    win_left,
+                    win_right,
+                    HAS_LEFT,
+                    HAS_RIGHT,
+                )
+                x = tl.where(vis, x, float("-inf"))
+            p = tl.math.exp2(x - lse2[:, None])
+            dp = dot(do, tl.trans(v), None, UPCAST, PRECISION)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dv = dot(tl.trans(do), p.to(do.dtype), dv, UPCAST, PRECISION)
+            dk = dot(tl.trans(q), ds.to(q.dtype), dk, UPCAST, PRECISION)
+        else:
+            qk_t = dot(k, tl.trans(q), None, UPCAST, PRECISION)
+            x_t, t_t = scores(qk_t, qk_scale, cap2, SOFTCAP)
+            if MASKED:
+                vis = band_mask(
+                    offs_n[:, None],
+                    m0 + rows[None, :],
+                    len_q,
+                    off,
+                    win_right,
+                    win_left,
+                    HAS_RIGHT,
+                    HAS_LEFT,
+                )
+                x_t = tl.where(vis, x_t, float("-inf"))
+            p_t = tl.math.exp2(x_t - lse2[None, :])
+            dv = dot(p_t.to(do.dtype), do, dv, UPCAST, PRECISION)
+            dp_t = dot(v, tl.trans(do), None, UPCAST, PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            if SOFTCAP:
+                ds_t = ds_t * (1.0 - t_t * t_t)
+            dk = dot(ds_t.to(q.dtype), q, dk, UPCAST, PRECISION)
     return dk, dv
 
 
@@ -219,9 +258,11 @@ def attn_bwd_dkdv(
     STAGES: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    QMAJOR: tl.constexpr,
 ):
     """One program per (key block, batch * kv head). GQA: the group's query heads are
-    summed in registers here, so dK/dV are written once, without atomics."""
+    summed in registers here, so dK/dV are written once, without atomics. With QMAJOR the
+    accumulators are dK^T and dV^T (see _dkdv_blocks)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hk
@@ -249,7 +290,7 @@ def attn_bwd_dkdv(
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     k_row = (k_start + n0).to(tl.int64)
-    if TMA:
+    if TMA and not QMAJOR:  # query-major keeps K, V in shared memory: no 4-D reshape
         k = k_desc.load([b, n0, hk, 0]).reshape(BN, BD)
         v = v_desc.load([b, n0, hk, 0]).reshape(BN, BDV)
     else:
@@ -271,8 +312,12 @@ def attn_bwd_dkdv(
             BDV,
             True,
         )
-    dk = tl.zeros([BN, BD], tl.float32)
-    dv = tl.zeros([BN, BDV], tl.float32)
+    if QMAJOR:
+        dk = tl.zeros([BD, BN], tl.float32)
+        dv = tl.zeros([BDV, BN], tl.float32)
+    else:
+        dk = tl.zeros([BN, BD], tl.float32)
+        dv = tl.zeros([BN, BDV], tl.float32)
     # Query blocks that see this key block: the same band with rows and columns swapped.
     m0, m1, m2, m3 = band_blocks(n0, BN, len_k, len_q, win_right, win_left, HAS_RIGHT, HAS_LEFT, BM)
     for g in range(0, GROUP):
@@ -327,7 +372,11 @@ def attn_bwd_dkdv(
                     STAGES,
                     UPCAST,
                     PRECISION,
+                    QMAJOR,
                 )
+    if QMAJOR:
+        dk = tl.trans(dk)
+        dv = tl.trans(dv)
     dk = dk * scale
     row_ok = cols[:, None] < len_k - n0
     dk_ptrs = DK + b64 * sdkb + hk64 * sdkh + k_row * sdkn + cols[:, None] * sdkn

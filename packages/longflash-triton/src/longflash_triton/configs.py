@@ -27,6 +27,9 @@ class TileConfig:
     stages: int  # software-pipelining depth of the K/V (or Q/dO) loop
     tma: bool = False  # tensor descriptors (TMA) for the streamed tiles; sm90+ only
     ws: bool = False  # warp specialisation of the mask-free loop; sm90+ only
+    # dK/dV only: queries as MMA rows, dK^T/dV^T accumulated, P and dS staged in shared
+    # memory (bwd._dkdv_blocks says why); fewer live registers for the same products
+    qmajor: bool = False
 
 
 @functools.cache

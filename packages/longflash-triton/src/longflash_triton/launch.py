@@ -116,6 +116,17 @@ def _desc(x: torch.Tensor, rows: int, cols: int):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, cols])
 
 
+def _desc_rows(x: torch.Tensor, rows: int, cols: int):
+    """A 2-D map over (B*N, H*D) with box [rows, cols], or None when the layout does not
+    flatten (heads not packed, or batches not one after another)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, N, H, D = x.shape
+    if x.stride(2) != D or (B > 1 and x.stride(0) != N * x.stride(1)):
+        return None
+    return TensorDescriptor(x, [B * N, H * D], [x.stride(1), 1], [rows, cols])
+
+
 def forward(
     call: AttentionCall,
     q: torch.Tensor,
@@ -275,16 +286,20 @@ def backward(
     )
 
     tma = _tma_ok(cfg_kv, arch, s, call, q, k, v, dout)
-    descs = (
-        (
+    if tma and cfg_kv.qmajor:  # Q/dO as 2-D maps, K/V by pointers (bwd._dkdv_blocks)
+        descs = (_desc_rows(q, cfg_kv.BM, s.BD), None, None, _desc_rows(dout, cfg_kv.BM, s.BDV))
+        tma = descs[0] is not None and descs[3] is not None
+        if not tma:
+            descs = (None,) * 4
+    elif tma:
+        descs = (
             _desc(q, cfg_kv.BM, s.BD),
             _desc(k, cfg_kv.BN, s.BD),
             _desc(v, cfg_kv.BN, s.BDV),
             _desc(dout, cfg_kv.BM, s.BDV),
         )
-        if tma
-        else (None,) * 4
-    )
+    else:
+        descs = (None,) * 4
     if s.Nk > 0:  # otherwise dk and dv are empty
         attn_bwd_dkdv[(triton.cdiv(s.Nk, cfg_kv.BN), s.B * s.Hk)](
             q,
@@ -315,6 +330,7 @@ def backward(
             BN=cfg_kv.BN,
             TMA=tma,
             STAGES=cfg_kv.stages,
+            QMAJOR=cfg_kv.qmajor,
             **common,
             num_warps=cfg_kv.warps,
             num_stages=cfg_kv.stages,
