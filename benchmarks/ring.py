@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument(
+        "--window",
+        type=_window_arg,
+        default=None,
+        help="sliding window LEFT,RIGHT over the global sequence ('none' = unbounded "
+        "side; with --causal, RIGHT is 0), e.g. --window 4096,none",
+    )
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--worlds", default="2,4,8", help="P values of the one-device simulation")
     ap.add_argument("--layouts", default="zigzag,contiguous")
@@ -96,15 +103,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--no-plot", dest="plot", action="store_false")
     args = ap.parse_args(argv)
+    args.mask = {"causal": args.causal, "window": args.window}
     args.worlds = [int(p) for p in args.worlds.split(",") if p]
     args.layouts = [s for s in args.layouts.split(",") if s]
     return args
 
 
+def _window_arg(text: str) -> tuple[int | None, int | None]:
+    sides = text.split(",")
+    if len(sides) != 2:
+        raise argparse.ArgumentTypeError(f"expected LEFT,RIGHT, got {text!r}")
+    return tuple(None if x.strip().lower() == "none" else int(x) for x in sides)
+
+
 # -- shared bits ----------------------------------------------------------------------
 def _flops(args: argparse.Namespace, backward: bool) -> float:
     from longflash.bench.cases import attention_flops
+    from longflash.call import normalize_window
 
+    band = normalize_window(args.causal, args.window)
+    if band is not None and band != (None, 0):
+        # A window counts its visible pairs (4 FLOPs per pair and head dim, as the
+        # causal convention counts half of N^2); 2.5x for the backward.
+        left, right = band
+        n = args.seqlen
+        pairs = sum(
+            min(n, i + 1 + (n if right is None else right))
+            - max(0, i - (n if left is None else left))
+            for i in range(n)
+        )
+        return 4.0 * args.batch * args.heads * pairs * args.dim * (2.5 if backward else 1.0)
     return attention_flops(
         args.batch,
         args.heads,
@@ -236,7 +264,7 @@ def _resolve_backend(args, q, k, v) -> str:
     from longflash.frontends.torch import make_call
     from longflash.registry import REGISTRY
 
-    call = make_call(q, k, v, causal=args.causal)
+    call = make_call(q, k, v, **args.mask)
     name = REGISTRY.select(call, args.backend).name
     if (
         name == "reference"
@@ -281,7 +309,7 @@ def torch_t1(args, device, clock: Clock) -> dict[str, Any]:
     _reset_peak(device)
     for i in range(args.warmup + args.reps):
         a = clock.stamp()
-        out = longflash.attention(q, k, v, causal=args.causal, backend=args.backend)
+        out = longflash.attention(q, k, v, **args.mask, backend=args.backend)
         b = clock.stamp()
         out.backward(dout)
         c = clock.stamp()
@@ -320,7 +348,7 @@ def _warm_blocks(q, k, v, dout, cfgs) -> None:
     for cfg in cfgs:
         for s in range(cfg.world_size):
             for blk in cfg.blocks(s):
-                key = (blk.nq, blk.nk, blk.causal)
+                key = (blk.nq, blk.nk, blk.window)
                 if key in seen:
                     continue
                 seen.add(key)
@@ -361,7 +389,10 @@ def torch_simulation(args, device, clock: Clock, backend: str, t1: dict | None) 
             n = args.seqlen // p
             q, k, v, dout = _torch_inputs(args, device, n, seed=p)
             call = make_call(q, k, v)
-            cfgs = [RingConfig(call, backend, r, p, layout, args.causal) for r in range(p)]
+            cfgs = [
+                RingConfig(call, backend, r, p, layout, args.causal, args.window) for r in range(p)
+            ]
+            steps = cfgs[0].steps  # P, or fewer when a window empties the last ones
             if args.warmup:
                 _warm_blocks(q, k, v, dout, cfgs)
             _reset_peak(device)
@@ -371,8 +402,8 @@ def torch_simulation(args, device, clock: Clock, backend: str, t1: dict | None) 
                 bar.advance(task)
             ranks = []
             for r, reps in enumerate(runs):
-                fwd = [_median([rep[0][s] for rep in reps]) for s in range(p)]
-                bwd = [_median([rep[1][s] for rep in reps]) for s in range(p)]
+                fwd = [_median([rep[0][s] for rep in reps]) for s in range(steps)]
+                bwd = [_median([rep[1][s] for rep in reps]) for s in range(steps)]
                 ranks.append(
                     {
                         "rank": r,
@@ -385,14 +416,16 @@ def torch_simulation(args, device, clock: Clock, backend: str, t1: dict | None) 
                 )
             totals = [x["total_ms"] for x in ranks]
             lockstep = sum(
-                max(x["steps_fwd_ms"][s] + x["steps_bwd_ms"][s] for x in ranks) for s in range(p)
+                max(x["steps_fwd_ms"][s] + x["steps_bwd_ms"][s] for x in ranks)
+                for s in range(steps)
             )
             entry = {
                 "world": p,
                 "layout": layout,
                 "local_seqlen": n,
+                "ring_steps": steps,
                 "ranks": ranks,
-                "pairs_per_rank": work_per_rank(p, layout, args.causal, n),
+                "pairs_per_rank": work_per_rank(p, layout, args.causal, n, args.window),
                 "max_over_mean": max(totals) / statistics.fmean(totals),
                 # one rank's peak (all ranks ran here in turn): inputs, ring buffers,
                 # accumulators, saved lse; the transfers' buffers are allocated too
@@ -438,13 +471,11 @@ def torch_multi(args, device, clock: Clock) -> dict[str, Any]:
         if fn == "ring":
 
             def run(layout=layout):
-                return lfd.ring_attention(
-                    q, k, v, causal=args.causal, layout=layout, backend=backend
-                )
+                return lfd.ring_attention(q, k, v, **args.mask, layout=layout, backend=backend)
         else:
 
             def run():
-                return lfd.ulysses_attention(q, k, v, causal=args.causal, backend=backend)
+                return lfd.ulysses_attention(q, k, v, **args.mask, backend=backend)
 
         fwd, bwd = [], []
         _reset_peak(device)
@@ -468,7 +499,9 @@ def torch_multi(args, device, clock: Clock) -> dict[str, Any]:
             "peak_mem_gib": _peak(device),
         }
         if fn == "ring":
-            cfg = RingConfig(make_call(q, k, v), backend, rank, world, layout, args.causal)
+            cfg = RingConfig(
+                make_call(q, k, v), backend, rank, world, layout, args.causal, args.window
+            )
             with torch.no_grad():
                 comp = [
                     _rank_pass(q.detach(), k.detach(), v.detach(), dout, cfg, clock)
@@ -478,8 +511,9 @@ def torch_multi(args, device, clock: Clock) -> dict[str, Any]:
             entry["compute_bwd_ms"] = _median([sum(c[1]) for c in comp])
             entry["exposed_comm_fwd_ms"] = entry["fwd_ms"] - entry["compute_fwd_ms"]
             entry["exposed_comm_bwd_ms"] = entry["bwd_ms"] - entry["compute_bwd_ms"]
+            entry["ring_steps"] = cfg.steps
             entry["comm_only_fwd_ms"], entry["comm_only_bwd_ms"] = _comm_only(
-                args, P2PRing(dist.group.WORLD), k.detach(), v.detach(), clock
+                args, P2PRing(dist.group.WORLD), cfg.steps, k.detach(), v.detach(), clock
             )
         results.append(entry)
     gathered: list[Any] = [None] * world
@@ -487,13 +521,14 @@ def torch_multi(args, device, clock: Clock) -> dict[str, Any]:
     return {"world": world, "local_seqlen": n, "backend": backend, "ranks": gathered}
 
 
-def _comm_only(args, ring, k, v, clock: Clock) -> tuple[float, float]:
-    """The ring's transfers alone: P-1 shifts of (k, v); then those plus P shifts of the
-    fp32 (dk, dv) sums, as in the backward."""
+def _comm_only(args, ring, steps: int, k, v, clock: Clock) -> tuple[float, float]:
+    """The ring's transfers alone: steps-1 shifts of (k, v) (steps = P without a
+    window); then those plus the fp32 (dk, dv) sums passed on after every step and sent
+    home after the last, as in the backward."""
     import torch
     import torch.distributed as dist
 
-    p = ring.world_size
+    p = steps
     fwd, bwd = [], []
     for i in range(args.warmup + args.reps):
         acc = [
@@ -513,10 +548,15 @@ def _comm_only(args, ring, k, v, clock: Clock) -> tuple[float, float]:
             kv = ring.shift(cur, [torch.empty_like(k), torch.empty_like(v)]) if s + 1 < p else None
             if dkv is not None:
                 acc = dkv.wait()
-            dkv = ring.shift(acc, [torch.empty_like(t) for t in acc], tag=2)
+                dkv = None
+            distance = 1 if s + 1 < p else -s
+            if distance % ring.world_size:
+                recv = [torch.empty_like(t) for t in acc]
+                dkv = ring.shift(acc, recv, tag=2, distance=distance)
             if kv is not None:
                 cur = kv.wait()
-        dkv.wait()
+        if dkv is not None:
+            dkv.wait()
         c = clock.stamp()
         clock.sync()
         if i >= args.warmup:
@@ -574,7 +614,7 @@ def torch_main(args) -> None:
     print(
         f"torch {torch.__version__}, device {device}, backend {doc['backend']}, "
         f"N={args.seqlen} B={args.batch} H={args.heads} D={args.dim} {args.dtype} "
-        f"causal={args.causal}"
+        f"causal={args.causal} window={args.window}"
     )
     doc["t1"] = torch_t1(args, device, clock) if args.t1 else None
     doc["simulation"] = (
@@ -649,11 +689,9 @@ def jax_main(args) -> None:
         def body(q, k, v, fn=fn, layout=layout):
             if fn == "ring":
                 return lfd.ring_attention(
-                    q, k, v, axis_name="sp", causal=args.causal, layout=layout, backend=args.backend
+                    q, k, v, axis_name="sp", **args.mask, layout=layout, backend=args.backend
                 )
-            return lfd.ulysses_attention(
-                q, k, v, axis_name="sp", causal=args.causal, backend=args.backend
-            )
+            return lfd.ulysses_attention(q, k, v, axis_name="sp", **args.mask, backend=args.backend)
 
         sharded = jax.shard_map(
             body, mesh=mesh, in_specs=(Spec(None, "sp"),) * 3, out_specs=Spec(None, "sp")
@@ -670,7 +708,7 @@ def jax_main(args) -> None:
         q1, k1, v1, dout1 = (jax.device_put(np.asarray(x), one) for x in (q, k, v, dout))
 
         def single(q, k, v):
-            return longflash.attention(q, k, v, causal=args.causal, backend=args.backend)
+            return longflash.attention(q, k, v, **args.mask, backend=args.backend)
 
         fwd = jax.jit(single)
         step = jax.jit(jax.grad(lambda q, k, v: jnp.sum(single(q, k, v) * dout1), (0, 1, 2)))
@@ -697,7 +735,8 @@ def _title(doc: dict[str, Any]) -> str:
     gpu = (doc["machine"].get("gpu") or {}).get("name") or doc["machine"]["cpu"]
     return (
         f"N={c['seqlen']:,} B={c['batch']} H={c['heads']} D={c['dim']} {c['dtype']} "
-        f"{'causal' if c['causal'] else 'full'} - {gpu}"
+        f"{'causal' if c['causal'] else 'full'}"
+        f"{'' if c.get('window') is None else ' window ' + str(tuple(c['window']))} - {gpu}"
     )
 
 

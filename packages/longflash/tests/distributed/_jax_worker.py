@@ -73,8 +73,9 @@ def run_case(case: dict, mesh) -> dict:
 
     (_, (ref_out, ref_lse)), ref_grads = jax.jit(_grads(single, q, k, v, dout))(q, k, v)
 
+    single_jit = jax.jit(single)  # one compilation for the P shards, not op by op
     local = [
-        single(*(lfd.shard_sequence(x, r, world, layout) for x in (q, k, v)))[0]
+        single_jit(*(lfd.shard_sequence(x, r, world, layout) for x in (q, k, v)))[0]
         for r in range(world)
     ]
     return {

@@ -92,8 +92,9 @@ def ring_attention(
         axis_name: JAX mesh axis the sequence is sharded over (inside shard_map).
         causal: causal mask over the global sequence.
         scale: multiplies q·k; defaults to 1/sqrt(head_dim).
-        window: not supported by the ring yet (raises UnsupportedError); use
-            ulysses_attention.
+        window: (left, right) sliding window over the global sequence, either side
+            None (unbounded): query i sees key j iff i - left <= j <= i + right (with
+            causal, right = 0). Ring steps whose K/V the band misses compute nothing.
         softcap: c > 0 replaces each score s by c·tanh(s/c).
         layout: "zigzag" (default; balances causal work) or "contiguous".
         return_lse: also return this shard's lse, float32 (batch, heads_q, seqlen/P).

@@ -1,6 +1,7 @@
 """Sequence parallelism in JAX: collectives over a shard_map mesh axis.
 
-Ring: a Python loop over the P steps, unrolled at trace time. Each step issues the
+Ring: a Python loop over the P steps (fewer when a window leaves every rank's last steps
+empty: schedule.ring_steps), unrolled at trace time. Each step issues the
 ``ppermute`` of the next K/V shard before the current step's blocks, with no data
 dependence between the two, so XLA's latency-hiding scheduler can run the transfer under
 the compute (``--xla_gpu_enable_latency_hiding_scheduler=true`` on GPUs). The program is
@@ -22,9 +23,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from longflash.call import AttentionCall
-from longflash.distributed.schedule import Block, check_layout, chunks_per_rank, step_blocks
-from longflash.errors import UnsupportedError
+from longflash.call import AttentionCall, Window
+from longflash.distributed.schedule import (
+    Block,
+    check_layout,
+    chunks_per_rank,
+    lse_slots,
+    n_slots,
+    ring_steps,
+    step_blocks,
+)
 from longflash.frontends.jax import make_call
 from longflash.registry import REGISTRY, get_backend
 
@@ -35,30 +43,42 @@ _NEG_INF = float("-inf")
 class RingConfig:
     """The static part of a ring call (hashable: it is a custom_vjp nondiff argument)."""
 
-    call: AttentionCall  # the local shards' call, mask-free; blocks set Nq/Nk/causal
+    call: AttentionCall  # the local shards' call, mask-free; blocks set Nq/Nk and the mask
     backend: str
     axis_name: Any
     world_size: int
     layout: str
     causal: bool
+    window: Window | None = None  # over the global sequence, causal folded in
 
     def variants(self, step: int) -> tuple[tuple[tuple[Block, ...], ...], tuple[int, ...]]:
         """The distinct block lists of this step over all ranks, and each rank's index."""
         plans = [
-            step_blocks(r, step, self.world_size, self.layout, self.causal, self.call.Nq)
+            step_blocks(
+                r, step, self.world_size, self.layout, self.causal, self.call.Nq, self.window
+            )
             for r in range(self.world_size)
         ]
         distinct = tuple(dict.fromkeys(plans))
         return distinct, tuple(distinct.index(p) for p in plans)
 
-    def block_call(self, blk: Block) -> AttentionCall:
-        return self.call.replace(
-            Nq=blk.nq, Nk=blk.nk, causal=blk.causal, window=(None, 0) if blk.causal else None
-        )
+    def slots(self, step: int) -> int:
+        """Rows of lse this step keeps per token: the most any rank's blocks need (every
+        lax.switch branch returns the same shape)."""
+        return max(n_slots(blocks) for blocks in self.variants(step)[0])
 
-    def ring(self, x: jax.Array) -> jax.Array:
-        """Send x to the next device along the axis, receive the previous one's."""
-        perm = [(i, (i + 1) % self.world_size) for i in range(self.world_size)]
+    def block_call(self, blk: Block) -> AttentionCall:
+        return self.call.replace(Nq=blk.nq, Nk=blk.nk, causal=blk.causal, window=blk.window)
+
+    @property
+    def steps(self) -> int:
+        """Steps the ring runs (P, or fewer when a window leaves the last ones empty)."""
+        return ring_steps(self.world_size, self.layout, self.causal, self.call.Nq, self.window)
+
+    def ring(self, x: jax.Array, distance: int = 1) -> jax.Array:
+        """Send x to the device ``distance`` further along the axis, receive the one
+        from as far back (distance 1: the next device)."""
+        perm = [(i, (i + distance) % self.world_size) for i in range(self.world_size)]
         return lax.ppermute(x, self.axis_name, perm)
 
 
@@ -98,13 +118,13 @@ def _merge(out, lse, o, lo, q0: int, q1: int):
 
 
 def _forward_step(cfg: RingConfig, blocks: tuple[Block, ...], out, lse, lse_s, q, kc, vc):
-    for blk in blocks:
+    for blk, slot in zip(blocks, lse_slots(blocks)):
         call = cfg.block_call(blk)
         impl = REGISTRY.select(call, cfg.backend)
         o, lo = impl.forward(
             call, q[:, blk.q0 : blk.q1], kc[:, blk.k0 : blk.k1], vc[:, blk.k0 : blk.k1]
         )
-        lse_s = lse_s.at[:, :, blk.q0 : blk.q1].set(lo.astype(lse_s.dtype))
+        lse_s = lse_s.at[slot, :, :, blk.q0 : blk.q1].set(lo.astype(lse_s.dtype))
         out, lse = _merge(out, lse, o, lo, blk.q0, blk.q1)
     return out, lse, lse_s
 
@@ -119,12 +139,12 @@ def _block_dout(dout, lse_blk, lse):
 def _backward_step(
     cfg: RingConfig, blocks: tuple[Block, ...], dq, dk, dv, dout, q, kc, vc, out, lse, lse_s
 ):
-    for blk in blocks:
+    for blk, slot in zip(blocks, lse_slots(blocks)):
         call = cfg.block_call(blk)
         impl = REGISTRY.select(call, cfg.backend)
         rows = slice(blk.q0, blk.q1)
         keys = slice(blk.k0, blk.k1)
-        lse_blk = lse_s[:, :, rows]
+        lse_blk = lse_s[slot, :, :, rows]
         dq_b, dk_b, dv_b = impl.backward(
             call,
             _block_dout(dout[:, rows], lse_blk, lse[:, :, rows]),
@@ -141,7 +161,8 @@ def _backward_step(
 
 
 def _ring_forward(cfg: RingConfig, q, k, v):
-    """(out in q's dtype, lse in the accumulation dtype, per-step block lse)."""
+    """(out in q's dtype, lse in the accumulation dtype, per-step block lse, each
+    (slots, B, Hq, n) with a slot per block as ``lse_slots`` assigns them)."""
     acc = _acc_dtype(q.dtype)
     b, n, hq, _ = q.shape
     # *_like keeps q's varying-axes type, which every switch branch must return.
@@ -149,17 +170,18 @@ def _ring_forward(cfg: RingConfig, q, k, v):
     lse = jnp.full_like(q, _NEG_INF, dtype=acc, shape=(b, hq, n))
     step_lse = []
     kc, vc = k, v
-    for s in range(cfg.world_size):
-        if s + 1 < cfg.world_size:
+    steps = cfg.steps
+    for s in range(steps):
+        if s + 1 < steps:
             kn, vn = cfg.ring(kc), cfg.ring(vc)  # in flight during this step's blocks
         out, lse, lse_s = _rank_switch(
             cfg,
             s,
             functools.partial(_forward_step, cfg),
-            (out, lse, jnp.full_like(lse, _NEG_INF), q, kc, vc),
+            (out, lse, jnp.full_like(lse, _NEG_INF, shape=(cfg.slots(s), *lse.shape)), q, kc, vc),
         )
         step_lse.append(lse_s)
-        if s + 1 < cfg.world_size:
+        if s + 1 < steps:
             kc, vc = kn, vn
     return out.astype(q.dtype), lse, tuple(step_lse)
 
@@ -173,8 +195,9 @@ def _ring_backward(cfg: RingConfig, dout, q, k, v, out, lse, step_lse):
     dq = jnp.zeros_like(q, dtype=acc)
     kc, vc = k, v
     incoming = None
-    for s in range(cfg.world_size):
-        if s + 1 < cfg.world_size:
+    steps = cfg.steps
+    for s in range(steps):
+        if s + 1 < steps:
             kn, vn = cfg.ring(kc), cfg.ring(vc)
         dk = jnp.zeros_like(k, dtype=acc)
         dv = jnp.zeros_like(v, dtype=acc)
@@ -188,9 +211,13 @@ def _ring_backward(cfg: RingConfig, dout, q, k, v, out, lse, step_lse):
         )
         if incoming is not None:
             dk, dv = dk + incoming[0], dv + incoming[1]
-        if cfg.world_size > 1:
-            incoming = (cfg.ring(dk), cfg.ring(dv))  # the P-th hop brings them home
-        if s + 1 < cfg.world_size:
+            incoming = None
+        # On to the next holder; after the last step, home to the owner (rank - s):
+        # one hop of distance 1 when the ring ran all P steps.
+        distance = 1 if s + 1 < steps else -s
+        if distance % cfg.world_size:
+            incoming = (cfg.ring(dk, distance), cfg.ring(dv, distance))
+        if s + 1 < steps:
             kc, vc = kn, vn
     if incoming is not None:
         dk, dv = incoming
@@ -220,13 +247,9 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 def ring_attention(
     q, k, v, *, axis_name, causal, scale, window, softcap, layout, return_lse, backend
 ):
-    if window is not None:
-        raise UnsupportedError(
-            "window not supported by ring_attention yet; use ulysses_attention, which "
-            "supports every mask the backend does"
-        )
     check_layout(layout)
-    call = make_call(q, k, v, causal=False, scale=scale, window=None, softcap=softcap)
+    # Validates the mask too; the blocks carry their own, so the base call has none.
+    call = make_call(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap)
     if call.Nq != call.Nk:
         raise ValueError(
             f"ring_attention needs q and k/v shards of one sequence, of equal length; got "
@@ -243,12 +266,13 @@ def ring_attention(
     if isinstance(axis_name, list):
         axis_name = tuple(axis_name)
     cfg = RingConfig(
-        call=call.replace(varlen=None),
+        call=call.replace(varlen=None, causal=False, window=None),
         backend=backend if backend is not None else get_backend(),
         axis_name=axis_name,
         world_size=_axis_size(axis_name),
         layout=layout,
         causal=causal,
+        window=call.window,  # validated, causal folded in
     )
     out, lse = _ring(cfg, q, k, v)
     return (out, lax.stop_gradient(lse)) if return_lse else out

@@ -7,7 +7,8 @@ never synchronises the host. Each block's (out, lse) merges into an fp32 accumul
 through the lse. The backward recomputes each block from its own lse with dout rescaled
 to the block's share of the row (see ring_backward), keeps dQ at home and sends the fp32
 dK/dV partial sums around a second ring, so that after P hops each rank holds the
-gradient of its own K/V.
+gradient of its own K/V. Under a window that leaves every rank's last steps empty, both
+rings stop early and the dK/dV sums go home in one hop (schedule.ring_steps).
 
 Ulysses: all-to-all from sequence shards to head shards, full attention on P times fewer
 heads, all-to-all back.
@@ -23,9 +24,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from longflash.call import AttentionCall
-from longflash.distributed.schedule import Block, check_layout, chunks_per_rank, step_blocks
-from longflash.errors import UnsupportedError
+from longflash.call import AttentionCall, Window
+from longflash.distributed.schedule import (
+    Block,
+    check_layout,
+    chunks_per_rank,
+    lse_slots,
+    n_slots,
+    ring_steps,
+    step_blocks,
+)
 from longflash.frontends.torch import make_call
 from longflash.registry import REGISTRY, get_backend
 
@@ -53,25 +61,28 @@ class _Pending:
 
 
 class P2PRing:
-    """Send to rank+1 and receive from rank-1 of a process group, batched per shift."""
+    """Send to rank+d and receive from rank-d of a process group, batched per shift
+    (d = 1: the ring's neighbours)."""
 
     def __init__(self, group: Any):
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self._next = dist.get_global_rank(group, (self.rank + 1) % self.world_size)
-        self._prev = dist.get_global_rank(group, (self.rank - 1) % self.world_size)
+
+    def _peer(self, d: int) -> int:
+        return dist.get_global_rank(self.group, (self.rank + d) % self.world_size)
 
     def shift(
-        self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], tag: int = 0
+        self,
+        send: Sequence[torch.Tensor],
+        recv: Sequence[torch.Tensor],
+        tag: int = 0,
+        distance: int = 1,
     ) -> _Pending:
+        to, frm = self._peer(distance), self._peer(-distance)
         # Distinct tags keep gloo's matching by (peer, tag) unambiguous; NCCL ignores them.
-        ops = [
-            dist.P2POp(dist.isend, t, self._next, self.group, tag + i) for i, t in enumerate(send)
-        ]
-        ops += [
-            dist.P2POp(dist.irecv, t, self._prev, self.group, tag + i) for i, t in enumerate(recv)
-        ]
+        ops = [dist.P2POp(dist.isend, t, to, self.group, tag + i) for i, t in enumerate(send)]
+        ops += [dist.P2POp(dist.irecv, t, frm, self.group, tag + i) for i, t in enumerate(recv)]
         return _Pending(dist.batch_isend_irecv(ops), recv, send)
 
 
@@ -85,7 +96,11 @@ class NoComm:
         self.world_size = world_size
 
     def shift(
-        self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], tag: int = 0
+        self,
+        send: Sequence[torch.Tensor],
+        recv: Sequence[torch.Tensor],
+        tag: int = 0,
+        distance: int = 1,
     ) -> _Pending:
         return _Pending([], send, send)
 
@@ -95,20 +110,26 @@ class NoComm:
 class RingConfig:
     """Everything about one rank's ring call except the arrays."""
 
-    call: AttentionCall  # the local shards' call, mask-free; blocks set Nq/Nk/causal
+    call: AttentionCall  # the local shards' call, mask-free; blocks set Nq/Nk and the mask
     backend: str
     rank: int
     world_size: int
     layout: str
     causal: bool
+    window: Window | None = None  # over the global sequence, as ring_attention takes it
 
     def blocks(self, step: int) -> tuple[Block, ...]:
-        return step_blocks(self.rank, step, self.world_size, self.layout, self.causal, self.call.Nq)
+        return step_blocks(
+            self.rank, step, self.world_size, self.layout, self.causal, self.call.Nq, self.window
+        )
 
     def block_call(self, blk: Block) -> AttentionCall:
-        return self.call.replace(
-            Nq=blk.nq, Nk=blk.nk, causal=blk.causal, window=(None, 0) if blk.causal else None
-        )
+        return self.call.replace(Nq=blk.nq, Nk=blk.nk, causal=blk.causal, window=blk.window)
+
+    @property
+    def steps(self) -> int:
+        """Steps the ring runs (P, or fewer when a window leaves the last ones empty)."""
+        return ring_steps(self.world_size, self.layout, self.causal, self.call.Nq, self.window)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -155,8 +176,9 @@ def ring_forward(
     """One rank's ring forward.
 
     Returns out in q's dtype, the rows' lse in the accumulation dtype (float32, float64
-    for float64 inputs) and, per step, the lse of that step's blocks (-inf on rows the
-    step does not touch), which the backward needs.
+    for float64 inputs) and, per step, the lse of that step's blocks, (slots, B, Hq, n)
+    with a slot per block as ``lse_slots`` assigns them (-inf on rows a slot does not
+    touch), which the backward needs.
     """
     acc = _acc_dtype(q.dtype)
     b, n, hq, _ = q.shape
@@ -165,16 +187,18 @@ def ring_forward(
     step_lse: list[torch.Tensor] = []
     k_cur, v_cur = k, v
     spare: list[torch.Tensor] | None = None
-    for s in range(cfg.world_size):
+    steps = cfg.steps
+    for s in range(steps):
         if mark is not None:
             mark(s)
         pending = None
-        if s + 1 < cfg.world_size:
+        if s + 1 < steps:
             if spare is None:
                 spare = [torch.empty_like(k), torch.empty_like(v)]
             pending = comm.shift([k_cur, v_cur], spare)
-        lse_s = torch.full_like(lse, -math.inf)
-        for blk in cfg.blocks(s):
+        blocks = cfg.blocks(s)
+        lse_s = lse.new_full((n_slots(blocks), *lse.shape), -math.inf)
+        for blk, slot in zip(blocks, lse_slots(blocks)):
             call = cfg.block_call(blk)
             impl = REGISTRY.select(call, cfg.backend)
             o, lo = impl.forward(
@@ -183,7 +207,7 @@ def ring_forward(
                 _rows(k_cur, blk.k0, blk.k1),
                 _rows(v_cur, blk.k0, blk.k1),
             )
-            lse_s[:, :, blk.q0 : blk.q1] = lo
+            lse_s[slot, :, :, blk.q0 : blk.q1] = lo
             _merge(out, lse, o, lo, blk.q0, blk.q1)
         step_lse.append(lse_s)
         if pending is not None:
@@ -193,7 +217,7 @@ def ring_forward(
             spare = [k_cur, v_cur] if s > 0 else None
             k_cur, v_cur = k_nxt, v_nxt
     if mark is not None:
-        mark(cfg.world_size)
+        mark(steps)
     return out.to(q.dtype), lse, step_lse
 
 
@@ -231,11 +255,12 @@ def ring_backward(
     spare: list[torch.Tensor] | None = None
     dkv_pending: _Pending | None = None
     dkv: list[torch.Tensor] = []
-    for s in range(cfg.world_size):
+    steps = cfg.steps
+    for s in range(steps):
         if mark is not None:
             mark(s)
         kv_pending = None
-        if s + 1 < cfg.world_size:
+        if s + 1 < steps:
             if spare is None:
                 spare = [torch.empty_like(k), torch.empty_like(v)]
             kv_pending = comm.shift([k_cur, v_cur], spare)
@@ -244,11 +269,12 @@ def ring_backward(
             torch.zeros(k.shape, dtype=acc, device=k.device),
             torch.zeros(v.shape, dtype=acc, device=v.device),
         ]
-        for blk in cfg.blocks(s):
+        blocks = cfg.blocks(s)
+        for blk, slot in zip(blocks, lse_slots(blocks)):
             call = cfg.block_call(blk)
             impl = REGISTRY.select(call, cfg.backend)
             rows = slice(blk.q0, blk.q1)
-            lse_blk = step_lse[s][:, :, rows]
+            lse_blk = step_lse[s][slot, :, :, rows]
             dq_b, dk_b, dv_b = impl.backward(
                 call,
                 _block_dout(dout[:, rows], lse_blk, lse[:, :, rows]),
@@ -261,21 +287,26 @@ def ring_backward(
             dq[:, rows] += dq_b
             dkv[0][:, blk.k0 : blk.k1] += dk_b
             dkv[1][:, blk.k0 : blk.k1] += dv_b
-        if cfg.world_size > 1:
-            if dkv_pending is not None:
-                # Sums from the ranks that held this K/V before us.
-                for mine, theirs in zip(dkv, dkv_pending.wait()):
-                    mine += theirs
-            dkv_pending = comm.shift(dkv, [torch.empty_like(t) for t in dkv], tag=2)
+        if dkv_pending is not None:
+            # Sums from the ranks that held this K/V before us.
+            for mine, theirs in zip(dkv, dkv_pending.wait()):
+                mine += theirs
+            dkv_pending = None
+        # On to the next holder; after the last step, home to the owner (rank - s):
+        # one hop of distance 1 when the ring ran all P steps.
+        distance = 1 if s + 1 < steps else -s
+        if distance % cfg.world_size:
+            recv = [torch.empty_like(t) for t in dkv]
+            dkv_pending = comm.shift(dkv, recv, tag=2, distance=distance)
         if kv_pending is not None:
             k_nxt, v_nxt = kv_pending.wait()
             spare = [k_cur, v_cur] if s > 0 else None
             k_cur, v_cur = k_nxt, v_nxt
     if dkv_pending is not None:
-        # The P-th hop brings the complete sums home.
+        # The last hop brings the complete sums home.
         dkv = dkv_pending.wait()
     if mark is not None:
-        mark(cfg.world_size)
+        mark(steps)
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
@@ -315,13 +346,9 @@ def _lastdim(x: torch.Tensor) -> torch.Tensor:
 
 
 def ring_attention(q, k, v, *, group, causal, scale, window, softcap, layout, return_lse, backend):
-    if window is not None:
-        raise UnsupportedError(
-            "window not supported by ring_attention yet; use ulysses_attention, which "
-            "supports every mask the backend does"
-        )
     check_layout(layout)
-    call = make_call(q, k, v, causal=False, scale=scale, window=None, softcap=softcap)
+    # Validates the mask too; the blocks carry their own, so the base call has none.
+    call = make_call(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap)
     if call.Nq != call.Nk:
         raise ValueError(
             f"ring_attention needs q and k/v shards of one sequence, of equal length; got "
@@ -337,12 +364,13 @@ def ring_attention(q, k, v, *, group, causal, scale, window, softcap, layout, re
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
     comm = P2PRing(_world(group))
     cfg = RingConfig(
-        call=call,
+        call=call.replace(causal=False, window=None),
         backend=backend if backend is not None else get_backend(),
         rank=comm.rank,
         world_size=comm.world_size,
         layout=layout,
         causal=causal,
+        window=call.window,  # validated, causal folded in
     )
     # K/V travel, and a send needs one dense buffer.
     out, lse = _RingAttention.apply(_lastdim(q), k.contiguous(), v.contiguous(), cfg, comm)
