@@ -42,6 +42,8 @@ def _bench_doc(path: Path, *, quick: bool, ms: dict[str, float]) -> None:
         "date": "2026-01-01T00:00:00",
         "config": {"device": "cuda", "framework": "torch", "quick": quick},
         "machine": {"gpu": {"name": "GPU"}},
+        "command": ["longflash", "bench"],
+        "contenders": [{"name": name} for name in ms],
         "cases": [case],
         "measurements": [
             {
@@ -67,14 +69,20 @@ def test_table_reads_ratios_from_the_files(tmp_path, monkeypatch):
     _bench_doc(tmp_path / "bench-b.json", quick=True, ms={"ours": 100.0, "sdpa-flash": 1.0})
     text = rr.render()
     assert "| `ours` | 100 (2.00× FA2) |" in text
+    _bench_doc(tmp_path / "bench-a.json", quick=False, ms={"ours": 1.0, "sdpa-flash": 2.0})
+    page = rr.render_bench_page()
+    assert "| fwd d128 N16K | 100 | 50 |" in page
     assert "2.00–2.00× FA2" in text and "9.00–9.00× plain" in text
 
 
 def test_stale_block_is_reported(tmp_path, monkeypatch):
-    readme = tmp_path / "README.md"
+    readme, page = tmp_path / "README.md", tmp_path / "benchmarks.md"
     readme.write_text(f"x\n{rr.BEGIN}\nold\n{rr.END}\ny\n")
+    page.write_text(f"a\n{rr.BENCH_BEGIN}\nold\n{rr.BENCH_END}\nb\n")
     monkeypatch.setattr(rr, "README", readme)
+    monkeypatch.setattr(rr, "BENCH_PAGE", page)
     monkeypatch.setattr(rr, "RESULTS", tmp_path)
     assert rr.main(["--check"]) == 1
     assert rr.main([]) == 0 and rr.main(["--check"]) == 0
     assert readme.read_text().startswith("x\n") and readme.read_text().endswith("\ny\n")
+    assert "No full GPU run" in page.read_text() and page.read_text().endswith("\nb\n")
