@@ -63,7 +63,11 @@ def _shape(call: AttentionCall) -> _Shape:
         Hk=call.Hk,
         group=call.group,
         BD=_block(call.Dqk),
-        BDV=_block(call.Dv),
+        # A value block narrower than the key block computed wrong outputs on the H200
+        # (Dqk 40 / Dv 24: P·V with a 32-wide V tile against 64-wide Q/K tiles; correct in
+        # the interpreter), so V is padded to the key block's width: exact, at the price of
+        # padded columns in P·V when Dv's block is the smaller one.
+        BDV=max(_block(call.Dv), _block(call.Dqk)),
         has_left=left is not None,
         has_right=right is not None,
         left=0 if left is None else min(left, _WIDE),
