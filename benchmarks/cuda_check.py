@@ -3,7 +3,8 @@ then timings at hd128 16K against SDPA flash and cuDNN in the same process.
 
 Run on an sm_90 machine with the library built (LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so):
     PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src python benchmarks/cuda_check.py \
-        --phase {fwd,bwd,bench,all} --out results.json [--quick] [--only NAME]
+        --phase {fwd,bwd,bench,all} --out results.json [--quick] [--only NAME] \
+        [--bwd-variants v4,v5]
 Writes one JSON with every case's errors and every timing; prints a short table last.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -472,6 +474,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default=None, help="substring of case names to run")
     ap.add_argument("--case-timeout", type=float, default=20.0)
+    ap.add_argument(
+        "--bwd-variants",
+        default=None,
+        help="comma list of LONGFLASH_CUDA_BWD values (v2,v3,v4,v5): every case runs once per "
+        "variant, its name suffixed [variant]; unset: whatever the environment selects",
+    )
     args = ap.parse_args()
     lib, why = _lib.load()
     report = {
@@ -481,6 +489,7 @@ def main() -> int:
         "available": backend.available(),
         "build": lib.lf_build_config().decode() if lib else why,
         "phase": args.phase,
+        "bwd_variants": args.bwd_variants,
         "cases": [],
     }
 
@@ -498,26 +507,37 @@ def main() -> int:
         print(json.dumps(report["frameworks"], indent=1))
     elif args.phase != "bench":
         compiled = _lib.compiled_head_dims(lib)
-        for c in cases(args.quick, compiled):
-            if args.only and args.only not in c["name"]:
-                continue
-            if args.phase == "fwd":
-                c = dict(c, check_bwd=False)
-                if c.get("varlen") or c.get("deterministic"):
-                    continue  # these run forward and backward together in the bwd phase
-            dog.arm(c["name"])
-            r = run_case(**c)
-            dog.disarm()
-            results.append(r)
-            save()
-            errs = {
-                k: (round(v, 5) if isinstance(v, float) else v)
-                for k, v in r.items()
-                if k.startswith(("err", "where")) or k in ("error", "bitwise_repeat")
-            }
-            print(("PASS " if r["ok"] else "FAIL ") + r["name"], errs, flush=True)
-            if "error" in r and ("CUDA" in r["error"] or "illegal" in r["error"]):
-                break  # a fault poisons the context: stop and report
+        variants = args.bwd_variants.split(",") if args.bwd_variants else [None]
+        faulted = False
+        for var in variants:
+            if faulted:
+                break
+            if var is not None:
+                # Read by the library on every call, so one process checks every variant.
+                os.environ["LONGFLASH_CUDA_BWD"] = var
+            for c in cases(args.quick, compiled):
+                if args.only and args.only not in c["name"]:
+                    continue
+                if args.phase == "fwd":
+                    c = dict(c, check_bwd=False)
+                    if c.get("varlen") or c.get("deterministic"):
+                        continue  # these run forward and backward together in the bwd phase
+                if var is not None:
+                    c = dict(c, name=f"{c['name']} [{var}]")
+                dog.arm(c["name"])
+                r = run_case(**c)
+                dog.disarm()
+                results.append(r)
+                save()
+                errs = {
+                    k: (round(v, 5) if isinstance(v, float) else v)
+                    for k, v in r.items()
+                    if k.startswith(("err", "where")) or k in ("error", "bitwise_repeat")
+                }
+                print(("PASS " if r["ok"] else "FAIL ") + r["name"], errs, flush=True)
+                if "error" in r and ("CUDA" in r["error"] or "illegal" in r["error"]):
+                    faulted = True  # a fault poisons the context: stop and report
+                    break
     if args.phase in ("bench", "all"):
         dog.arm("timings")
         try:

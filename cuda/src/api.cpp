@@ -261,9 +261,9 @@ lf_status cuda_fail(cudaError_t err, char const* what) {
 
 size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
-// Backward variant from LONGFLASH_CUDA_BWD ("v2", "v3" or "v4"; default v2, the GPU-validated
-// one). Read on every call (cheap next to a launch) so a process can switch it for A/B timing.
-// v4 covers hd128 outside the deterministic mode; other calls that ask for it run v2.
+// Backward variant from LONGFLASH_CUDA_BWD ("v2", "v3", "v4" or "v5"; default v4). Read on every
+// call (cheap next to a launch) so a process can switch it for A/B timing. v4 and v5 cover hd128
+// outside the deterministic mode; other calls that ask for them run v2.
 int bwd_version() {
   // v4 is the default: measured 3.2-3.6x v2 at hd128 on the H200 and passing every check
   // (benchmarks/NOTES-cuda.md); the launcher sends the shapes v4 does not cover to v2.
@@ -273,7 +273,10 @@ int bwd_version() {
   if (std::strcmp(e, "v3") == 0 || std::strcmp(e, "3") == 0) return 3;
   if (std::strcmp(e, "v4") == 0 || std::strcmp(e, "4") == 0) return 4;
   if (std::strcmp(e, "timing-no-dq-add") == 0) return kBwdTimingNoDqAdd;
+  if (std::strcmp(e, "v5") == 0 || std::strcmp(e, "5") == 0) return 5;
   if (std::strcmp(e, "timing-v4-no-dq-add") == 0) return kBwdTimingV4NoDqAdd;
+  if (std::strcmp(e, "timing-v5-no-dq-add") == 0) return kBwdTimingV5NoDqAdd;
+  if (std::strcmp(e, "timing-v5-no-reduce") == 0) return kBwdTimingV5NoReduce;
   return 4;
 }
 

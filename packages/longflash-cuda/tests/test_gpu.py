@@ -102,7 +102,7 @@ def test_cuda_graph_and_compile():
     assert torch.equal(captured, eager.detach())
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3", "v4"])
+@pytest.mark.parametrize("variant", ["v2", "v3", "v4", "v5"])
 @pytest.mark.parametrize(
     "nq,nk,hq,hk,causal,window",
     [
@@ -113,7 +113,7 @@ def test_cuda_graph_and_compile():
     ],
 )
 def test_backward_variants_match_float64(monkeypatch, variant, nq, nk, hq, hk, causal, window):
-    """Every LONGFLASH_CUDA_BWD variant (v4: 128-key blocks; hd128 only) against float64
+    """Every LONGFLASH_CUDA_BWD variant (v4/v5: 128-key blocks; hd128 only) against float64
     autograd, with NaN-poisoned memory under the outputs so an unwritten element fails."""
     from longflash.frontends import torch as lft
     from longflash_cuda import _torch
