@@ -102,11 +102,22 @@ def kernel_table(merged: dict[tuple[str, str], dict]) -> list[str]:
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     sources = sorted({m["source"] for ms in by_case.values() for m in ms.values()})
     gpu = next(iter(next(iter(by_case.values())).values()))["gpu"]["name"]
+    fractions = [
+        f"`{n}` {m['fraction_of_matmul']:.2f}"
+        for n in ours
+        if (m := by_case.get("fwd", {}).get(n)) and m.get("fraction_of_matmul")
+    ]
     lines += [
         "",
         f"TFLOP/s on one {gpu}, bf16, head dim {HEADLINE_D}, N = {_k(HEADLINE_N)}, "
         "batch × N = 16K tokens, 16 heads; in brackets the speed-up over each peer timed in "
-        f"the same process. Source: {', '.join(f'`{s}`' for s in sources)}.",
+        f"the same process. Source: {', '.join(f'`{s}`' for s in sources)}."
+        + (
+            f" Forward as a fraction of the bf16 matmul rate measured in the same run: "
+            f"{', '.join(fractions)}."
+            if fractions
+            else ""
+        ),
     ]
     return lines
 
