@@ -100,6 +100,10 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
                                  **kw))
 
     mode = sys.argv[1]
+    if mode.endswith("-x64"):
+        jax.config.update("jax_enable_x64", True)
+        assert jnp.arange(1).dtype == jnp.int64
+        mode = mode[: -len("-x64")]
     if mode == "run":
         # The Pallas interpreter itself trips over the varying-axes check (a pad inside
         # its emulation of masked loads), so on the CPU the check is off, as JAX's
@@ -132,9 +136,10 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("mode", ["run", "lower-cuda"])
+# "-x64": the same under jax_enable_x64 (int64 static indices next to the kernels' int32).
+@pytest.mark.parametrize("mode", ["run", "lower-cuda", "run-x64", "lower-cuda-x64"])
 def test_shard_map_over_batch(mode):
-    if mode == "lower-cuda" and not CROSS_LOWERING_ON_CPU:
+    if mode.startswith("lower-cuda") and not CROSS_LOWERING_ON_CPU:
         pytest.skip("cross-lowering for cuda on 4 host devices needs jaxlib <= 0.10.2")
     # XLA_FLAGS must be set before jax initialises its backends: use a fresh interpreter,
     # on the CPU (4 host devices) even where a GPU is present.

@@ -46,8 +46,8 @@ def _dkdv_kernel(*refs: Any, p: Problem, t: Tile, grid: layout.Grid) -> None:
     check_rows = p.varlen or p.Nq % bq != 0
     check_keys = p.varlen or p.Nk % bk != 0
     keys_ok = cols < seq.nk if check_keys else None
-    k = layout.load_tile(k_ref.at[pl.ds(seq.k0 + j0, bk), :], keys_ok, p.Dqk)
-    v = layout.load_tile(v_ref.at[pl.ds(seq.k0 + j0, bk), :], keys_ok, p.Dv)
+    k = layout.load_tile(layout.at(p, k_ref, pl.ds(seq.k0 + j0, bk)), keys_ok, p.Dqk)
+    v = layout.load_tile(layout.at(p, v_ref, pl.ds(seq.k0 + j0, bk)), keys_ok, p.Dv)
     # Query i sees key j iff j - off - right <= i <= j - off + left.
     rng = ranges.block_range(j0, seq.nk, seq.nq, seq.nq - seq.nk, p.right, p.left, bk, bq)
 
@@ -58,11 +58,11 @@ def _dkdv_kernel(*refs: Any, p: Problem, t: Tile, grid: layout.Grid) -> None:
             rows = i0 + layout.iota(bq)
             rows_ok = rows < seq.nq if (masked and check_rows) else None
             at = pl.ds(seq.q0 + i0, bq)
-            q = layout.load_tile(q_ref.at[at, h, :], rows_ok, p.Dqk)
-            do = layout.load_tile(do_ref.at[at, h, :], rows_ok, p.Dv)
+            q = layout.load_tile(layout.at(p, q_ref, at, h), rows_ok, p.Dqk)
+            do = layout.load_tile(layout.at(p, do_ref, at, h), rows_ok, p.Dv)
             # lse2 = +inf on rows past the end makes their P exactly 0.
-            lse2 = layout.load_rows(lse_ref.at[h, at], rows_ok, jnp.inf)
-            delta = layout.load_rows(dl_ref.at[h, at], rows_ok, 0.0)
+            lse2 = layout.load_rows(layout.at(p, lse_ref, h, at), rows_ok, jnp.inf)
+            delta = layout.load_rows(layout.at(p, dl_ref, h, at), rows_ok, 0.0)
             st, th = scores.logits(p, lax.dot_general(k, q, NT, preferred_element_type=jnp.float32))
             if masked:
                 vis = ranges.visible(
@@ -105,9 +105,14 @@ def _dkdv_kernel(*refs: Any, p: Problem, t: Tile, grid: layout.Grid) -> None:
     carry = over_head(jnp.int32(0), carry) if g == 1 else lax.fori_loop(0, g, over_head, carry)
     dk, dv = carry
     layout.store_tile(
-        dk_ref.at[pl.ds(seq.k0 + j0, bk), :], (dk * p.scale).astype(dk_ref.dtype), keys_ok, p.Dqk
+        layout.at(p, dk_ref, pl.ds(seq.k0 + j0, bk)),
+        (dk * p.scale).astype(dk_ref.dtype),
+        keys_ok,
+        p.Dqk,
     )
-    layout.store_tile(dv_ref.at[pl.ds(seq.k0 + j0, bk), :], dv.astype(dv_ref.dtype), keys_ok, p.Dv)
+    layout.store_tile(
+        layout.at(p, dv_ref, pl.ds(seq.k0 + j0, bk)), dv.astype(dv_ref.dtype), keys_ok, p.Dv
+    )
 
 
 def _dq_kernel(*refs: Any, p: Problem, t: Tile, grid: layout.Grid) -> None:
@@ -124,18 +129,18 @@ def _dq_kernel(*refs: Any, p: Problem, t: Tile, grid: layout.Grid) -> None:
     check_keys = p.varlen or p.Nk % bk != 0
     rows_ok = rows < seq.nq if check_rows else None
     at = pl.ds(seq.q0 + i0, bq)
-    q = layout.load_tile(q_ref.at[at, :], rows_ok, p.Dqk)
-    do = layout.load_tile(do_ref.at[at, :], rows_ok, p.Dv)
-    lse2 = layout.load_rows(lse_ref.at[at], rows_ok, jnp.inf)
-    delta = layout.load_rows(dl_ref.at[at], rows_ok, 0.0)
+    q = layout.load_tile(layout.at(p, q_ref, at), rows_ok, p.Dqk)
+    do = layout.load_tile(layout.at(p, do_ref, at), rows_ok, p.Dv)
+    lse2 = layout.load_rows(layout.at(p, lse_ref, at), rows_ok, jnp.inf)
+    delta = layout.load_rows(layout.at(p, dl_ref, at), rows_ok, 0.0)
     rng = ranges.block_range(i0, seq.nq, seq.nk, seq.nk - seq.nq, p.left, p.right, bq, bk)
 
     def step(masked: bool):
         def body(kt, dq):
             j0 = kt * bk
             keys_ok = (j0 + layout.iota(bk) < seq.nk) if (masked and check_keys) else None
-            k = layout.load_tile(k_ref.at[pl.ds(seq.k0 + j0, bk), :], keys_ok, p.Dqk)
-            v = layout.load_tile(v_ref.at[pl.ds(seq.k0 + j0, bk), :], keys_ok, p.Dv)
+            k = layout.load_tile(layout.at(p, k_ref, pl.ds(seq.k0 + j0, bk)), keys_ok, p.Dqk)
+            v = layout.load_tile(layout.at(p, v_ref, pl.ds(seq.k0 + j0, bk)), keys_ok, p.Dv)
             s, th = scores.logits(p, lax.dot_general(q, k, NT, preferred_element_type=jnp.float32))
             if masked:
                 vis = ranges.visible(
@@ -165,7 +170,7 @@ def _dq_kernel(*refs: Any, p: Problem, t: Tile, grid: layout.Grid) -> None:
         dq = lax.fori_loop(rng.a, rng.b, step(False), dq)
     if p.right is not None or check_keys:
         dq = lax.fori_loop(rng.b, rng.hi, step(True), dq)
-    layout.store_tile(dq_ref.at[at, :], (dq * p.scale).astype(dq_ref.dtype), rows_ok, p.Dqk)
+    layout.store_tile(layout.at(p, dq_ref, at), (dq * p.scale).astype(dq_ref.dtype), rows_ok, p.Dqk)
 
 
 def _params(p: Problem, t: Tile) -> Any:

@@ -34,7 +34,7 @@ def _kernel(*refs: Any, p: Problem, t: Tile, grid: layout.Grid) -> None:
     check_keys = p.varlen or p.Nk % bk != 0
     rows_ok = rows < seq.nq if check_rows else None
 
-    q = layout.load_tile(q_ref.at[pl.ds(seq.q0 + i0, bq), :], rows_ok, p.Dqk)
+    q = layout.load_tile(layout.at(p, q_ref, pl.ds(seq.q0 + i0, bq)), rows_ok, p.Dqk)
     rng = ranges.block_range(i0, seq.nq, seq.nk, seq.nk - seq.nq, p.left, p.right, bq, bk)
 
     def step(masked: bool):
@@ -42,8 +42,8 @@ def _kernel(*refs: Any, p: Problem, t: Tile, grid: layout.Grid) -> None:
             acc, m, den = carry
             j0 = kt * bk
             keys_ok = (j0 + layout.iota(bk) < seq.nk) if (masked and check_keys) else None
-            k = layout.load_tile(k_ref.at[pl.ds(seq.k0 + j0, bk), :], keys_ok, p.Dqk)
-            v = layout.load_tile(v_ref.at[pl.ds(seq.k0 + j0, bk), :], keys_ok, p.Dv)
+            k = layout.load_tile(layout.at(p, k_ref, pl.ds(seq.k0 + j0, bk)), keys_ok, p.Dqk)
+            v = layout.load_tile(layout.at(p, v_ref, pl.ds(seq.k0 + j0, bk)), keys_ok, p.Dv)
             s, _ = scores.logits(p, lax.dot_general(q, k, NT, preferred_element_type=jnp.float32))
             if masked:
                 vis = ranges.visible(
@@ -88,8 +88,10 @@ def _kernel(*refs: Any, p: Problem, t: Tile, grid: layout.Grid) -> None:
     seen = den > 0
     out = acc * (1.0 / jnp.where(seen, den, 1.0))[:, None]
     lse = jnp.where(seen, (scores.times_c(p, m) + jnp.log2(den)) * scores.LN2, -jnp.inf)
-    layout.store_tile(o_ref.at[pl.ds(seq.q0 + i0, bq), :], out.astype(o_ref.dtype), rows_ok, p.Dv)
-    layout.store_rows(lse_ref.at[pl.ds(seq.q0 + i0, bq)], lse, rows_ok)
+    layout.store_tile(
+        layout.at(p, o_ref, pl.ds(seq.q0 + i0, bq)), out.astype(o_ref.dtype), rows_ok, p.Dv
+    )
+    layout.store_rows(layout.at(p, lse_ref, pl.ds(seq.q0 + i0, bq)), lse, rows_ok)
 
 
 def forward_call(p: Problem, t: Tile, like: tuple[Any, ...] = ()) -> Any:

@@ -119,6 +119,27 @@ def sequence(p: Problem, cu_refs: tuple[Any, ...], b: Any) -> Seq:
     return Seq(q0, k0, cuq[b + 1] - q0, cuk[b + 1] - k0)
 
 
+def _i32(x: Any) -> Any:
+    return lax.convert_element_type(x, jnp.int32)
+
+
+def at(p: Problem, ref: Any, *idx: Any) -> Any:
+    """``ref.at[idx]``, axes past ``idx`` taken whole.
+
+    In interpret mode every start becomes an int32 scalar. Kernel indices are int32
+    (program ids, cu_seqlens, iota), but a whole axis is a static start 0 that the
+    interpreter makes int64 under ``jax_enable_x64``; its masked store (jax 0.10) then
+    hands ``lax.dynamic_slice`` a mix of int32 and int64 starts, which it refuses. The
+    Triton lowering takes the indices as they are (int32 offsets, static whole axes, also
+    under x64) and does not lower unmasked loads from views with traced starts on every
+    axis, so the GPU path keeps the plain view."""
+    if not p.interpret:
+        return ref.at[idx] if idx else ref
+    out = [pl.ds(_i32(i.start), i.size) if isinstance(i, pl.Slice) else _i32(i) for i in idx]
+    out += [pl.ds(_i32(0), n) for n in ref.shape[len(idx) :]]
+    return ref.at[tuple(out)]
+
+
 def iota(n: int) -> Any:
     return lax.broadcasted_iota(jnp.int32, (n,), 0)
 
