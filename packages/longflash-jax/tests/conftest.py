@@ -154,3 +154,12 @@ def lse_matches(lse, ref, tol: float) -> None:
     if (~empty).any():
         err = np.abs(lse[~empty] - ref[~empty]).max()
         assert err <= tol, f"lse max abs error {err} > {tol}"
+
+
+def outputs_match(out, lse, grads, ref, tol: float) -> None:
+    """out and dq/dk/dv within ``tol`` (relative Frobenius), lse within 10·tol (nats)."""
+    ro, rl, rg = ref
+    assert rel_err(out, ro) <= tol, ("out", rel_err(out, ro))
+    lse_matches(lse, rl, 10 * tol)
+    for name, x, r in zip(("dq", "dk", "dv"), grads, rg):
+        assert rel_err(x, r) <= tol, (name, rel_err(x, r))
