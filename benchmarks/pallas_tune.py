@@ -347,10 +347,10 @@ class Run:
     def tiles(self, hd: int, fwd=None, dq=None, dkdv=None, tuned: bool = True) -> Any:
         """tiles.json's tiles for head dim ``hd``, with the tuned winners (unless
         tuned=False) and then the given overrides on top."""
-        from longflash_jax.problem import Tile, Tiles, _table
+        from longflash_jax.problem import Tile, Tiles, table
 
-        table = _table()
-        entry = table["interpret"] if self.cpu else table["cuda"][str(hd)]
+        data = table()
+        entry = data["interpret"] if self.cpu else data["cuda"][str(hd)]
         base = {n: Tile(**t) for n, t in entry.items()}
         if tuned:
             for name, t in self.best.get(hd, {}).items():
@@ -751,9 +751,9 @@ def table(run: Run) -> str:
 
 def tiles_section(run: Run) -> dict[str, Any]:
     """tiles.json's "cuda" section with the tuned winners in place."""
-    from longflash_jax.problem import _table
+    from longflash_jax.problem import table
 
-    cuda = json.loads(json.dumps(_table()["cuda"]))
+    cuda = json.loads(json.dumps(table()["cuda"]))
     for d, kinds in run.best.items():
         for kind, (bq, bk, w, st) in kinds.items():
             cuda[str(d)][kind] = {"block_q": bq, "block_k": bk, "num_warps": w, "num_stages": st}

@@ -14,6 +14,9 @@ from typing import Any
 
 from longflash.call import AttentionCall
 
+from longflash_jax import mosaic_route
+from longflash_jax.problem import problem_of
+
 # The CPU runs the kernels only through the Pallas interpreter, which is orders of magnitude
 # slower than the reference backend. It is opt-in so that "auto" on a CPU keeps picking
 # the reference; CI sets it to run the conformance suite on the kernels themselves.
@@ -91,6 +94,8 @@ class PallasBackend:
     def check(self, call: AttentionCall) -> list[str]:
         caps = self.capabilities
         reasons = []
+        if bad_env := mosaic_route.env_reason():
+            reasons.append(bad_env)
         if call.dtype not in caps.dtypes:
             reasons.append(f"dtype {call.dtype} not supported ({', '.join(sorted(caps.dtypes))})")
         if call.Dqk > caps.max_head_dim:
@@ -111,6 +116,14 @@ class PallasBackend:
                     f"{', '.join(sorted(caps.interpret_devices))} in interpret mode)"
                 )
         return reasons
+
+    def describe(self, call: AttentionCall) -> str:
+        """Which lowering runs this call's forward and why (shown by longflash.explain)."""
+        if call.device not in self.capabilities.devices:
+            return "Pallas interpreter (forward and backward)"
+        lowering, why = mosaic_route.choose(problem_of(call))
+        name = {"mosaic": "Mosaic GPU", "triton": "Triton"}[lowering]
+        return f"forward: {name} lowering ({why}); backward: Triton lowering"
 
     def forward(self, call: AttentionCall, q: Any, k: Any, v: Any) -> tuple[Any, Any]:
         from longflash_jax import kernels

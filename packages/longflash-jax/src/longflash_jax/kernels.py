@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from longflash.call import AttentionCall
 
-from longflash_jax import scores
+from longflash_jax import mosaic_route, scores
 from longflash_jax.backward import dkdv_call, dq_call
 from longflash_jax.forward import forward_call
 from longflash_jax.problem import Problem, Tiles, problem_of, tiles_for
@@ -26,15 +26,29 @@ def _cu(call: AttentionCall) -> tuple[Any, ...]:
 
 
 def forward(
-    call: AttentionCall, q: Any, k: Any, v: Any, tiles: Tiles | None = None
+    call: AttentionCall,
+    q: Any,
+    k: Any,
+    v: Any,
+    tiles: Tiles | None = None,
+    lowering: str | None = None,
 ) -> tuple[Any, Any]:
-    """(out, lse) of one call; ``tiles`` overrides tiles.json (benchmarks use it)."""
+    """(out, lse) of one call; ``tiles`` overrides tiles.json's Triton tiles and ``lowering``
+    ("triton" or "mosaic") the routing of mosaic_route.choose (benchmarks use both)."""
     p = problem_of(call)
     if p.empty:
         lead = q.shape[:-2]
         out = jnp.zeros((*lead, p.Hq, p.Dv), q.dtype)
         lse_shape = (p.Hq, p.Tq) if p.varlen else (p.B, p.Hq, p.Nq)
         return out, jnp.full(lse_shape, -jnp.inf, jnp.float32)
+    if lowering is None:
+        lowering = "triton" if tiles is not None else mosaic_route.choose(p)[0]
+    if lowering == "mosaic":
+        # Imported here: the Mosaic GPU API is never needed on a CPU or with an older jax.
+        from longflash_jax import mosaic
+
+        tile = mosaic.MosaicTile(**mosaic_route.mosaic_tile(p))
+        return mosaic.forward(p, tile, q, k, v)
     return _forward(p, tiles_for(p, tiles), *_cu(call), q, k, v)
 
 

@@ -103,7 +103,8 @@ def problem_of(call: AttentionCall) -> Problem:
 
 
 @functools.cache
-def _table() -> dict:
+def table() -> dict:
+    """tiles.json, parsed once."""
     text = resources.files("longflash_jax").joinpath("tiles.json").read_text()
     return json.loads(text)
 
@@ -118,11 +119,11 @@ def _fit(tile: Tile, nq: int, nk: int) -> Tile:
 
 def tiles_for(p: Problem, override: Tiles | None = None) -> Tiles:
     if override is None:
-        table = _table()
+        data = table()
         if p.interpret:
-            entry = table["interpret"]
+            entry = data["interpret"]
         else:
-            entry = table["cuda"][str(max(p.dqk_pad, p.dv_pad))]
+            entry = data["cuda"][str(max(p.dqk_pad, p.dv_pad))]
         override = Tiles(**{name: Tile(**entry[name]) for name in ("fwd", "dkdv", "dq")})
     return Tiles(
         fwd=_fit(override.fwd, p.Nq, p.Nk),

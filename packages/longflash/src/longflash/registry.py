@@ -257,7 +257,10 @@ class Registry:
                 lines.append(f"  {name}: declines: " + "; ".join(reasons))
             else:
                 tag = "  <- auto picks this" if name == chosen else ""
-                lines.append(f"  {name}: accepts{tag}")
+                # Optional hook: a backend with several code paths says which one runs.
+                describe = getattr(self.get(name), "describe", None)
+                detail = f" [{describe(call)}]" if callable(describe) else ""
+                lines.append(f"  {name}: accepts{detail}{tag}")
         return "\n".join(lines)
 
 
