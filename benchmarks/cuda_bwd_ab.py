@@ -2,16 +2,16 @@
 to SDPA flash and cuDNN, bf16 H=16 B=1 (causal and not), for each sequence length and head dim.
 
 The variant is read by the library on every call, so one process times them all on the same
-inputs. `timing-no-dq-add` drops the dQ reductions (its dQ is wrong): it only measures what the
-reductions cost; `timing-v4-no-dq-add` and `timing-v5-no-dq-add` do the same for v4/v5, and
-`timing-v5-no-reduce` keeps v5's staging and hand-over to the writer warp but issues no reduce.
-v3, v4 and v5 exist at hd128 only (elsewhere the library runs v2 for them), so other head dims
-time the first variant alone. Each variant's dQ/dK/dV are compared with the first variant's (v4
-by default, the validated default). "default" times whatever LONGFLASH_CUDA_BWD unset selects.
+inputs. `timing-no-dq-add` drops v2's dQ reductions (its dQ is wrong): it only measures what the
+reductions cost; `timing-v5-no-dq-add` does the same for v5, and `timing-v5-no-reduce` keeps v5's
+staging and hand-over to the writer warps but issues no reduce. v5 exists at hd64 and hd128
+(elsewhere the library runs v2 for it), so other head dims time the first variant alone. Each
+variant's dQ/dK/dV are compared with the first variant's (v2 by default: an independent kernel).
+"default" times whatever LONGFLASH_CUDA_BWD unset selects.
 
     LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so \
     PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src \
-        python benchmarks/cuda_bwd_ab.py --out ab.json [--variants v4,v5] \
+        python benchmarks/cuda_bwd_ab.py --out ab.json [--variants v2,v5] \
             [--seqlens 4096,16384] [--dims 64,128,256]
 """
 
@@ -37,7 +37,7 @@ from cuda_check import bench, rel  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="cuda_bwd_ab.json")
-    ap.add_argument("--variants", default="v4,v5,timing-v5-no-reduce,timing-v5-no-dq-add")
+    ap.add_argument("--variants", default="v2,v5,timing-v5-no-reduce,timing-v5-no-dq-add")
     ap.add_argument("--seqlens", default="16384")
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dims", default="128")
@@ -47,7 +47,7 @@ def main() -> int:
     for n in (int(x) for x in args.seqlens.split(",")):
         for d in (int(x) for x in args.dims.split(",")):
             variants = args.variants.split(",")
-            if d != 128:
+            if d not in (64, 128):
                 variants = variants[:1]
             rows += measure(n, args.heads, d, variants)
             report["timings"] = rows

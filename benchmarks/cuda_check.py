@@ -4,7 +4,7 @@ then timings at hd128 16K against SDPA flash and cuDNN in the same process.
 Run on an sm_90 machine with the library built (LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so):
     PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src python benchmarks/cuda_check.py \
         --phase {fwd,bwd,bench,all} --out results.json [--quick] [--only NAME] \
-        [--bwd-variants v4,v5]
+        [--bwd-variants v2,v5]
 Writes one JSON with every case's errors and every timing; prints a short table last.
 """
 
@@ -238,33 +238,56 @@ def run_case(
 def cases(quick: bool, compiled):
     out = []
     bf, fp = torch.bfloat16, torch.float16
-    out += [
-        dict(name="hd128 dense", B=2, Nq=300, Nk=300),
-        dict(name="hd128 causal", B=2, Nq=300, Nk=300, causal=True),
-        dict(name="hd128 causal Nq<Nk", Nq=200, Nk=555, causal=True),
-        dict(name="hd128 causal Nq>Nk (empty rows)", Nq=555, Nk=200, causal=True),
-        dict(name="hd128 gqa fp16 causal", Hq=8, Hk=2, Nq=384, Nk=384, causal=True, dtype=fp),
-        dict(name="hd128 mqa", Hq=4, Hk=1, Nq=129, Nk=257),
-        dict(name="hd128 window(64,32)", Nq=500, Nk=500, window=(64, 32)),
-        dict(name="hd128 window(100,None)", Nq=300, Nk=700, window=(100, None)),
-        dict(name="hd128 softcap 30 causal", Nq=256, Nk=256, softcap=30.0, causal=True),
-        dict(
-            name="hd128 varlen causal",
-            varlen=([100, 0, 257, 1, 64], [130, 50, 257, 1, 0]),
-            causal=True,
-        ),
-        dict(name="hd128 varlen dense", varlen=([100, 3, 257], [130, 50, 200])),
-        dict(
-            name="hd128 deterministic causal", B=2, Nq=333, Nk=333, causal=True, deterministic=True
-        ),
-        dict(name="hd128 fp16 dense", Nq=1000, Nk=1000, dtype=fp),
-        # Edges of v4's 128-key blocks: a block whose second 64-key half is past the sequence,
-        # narrow bands where one half of a block sees nothing, long GQA loops with the rotation.
-        dict(name="hd128 causal Nk=40", Nq=40, Nk=40, causal=True),
-        dict(name="hd128 window(10,10)", Nq=1000, Nk=1000, window=(10, 10)),
-        dict(name="hd128 gqa4 causal 2k", Hq=8, Hk=2, Nq=2048, Nk=2048, causal=True),
-        dict(name="hd128 softcap gqa fp16", Hq=4, Hk=2, Nq=320, Nk=700, softcap=20.0, dtype=fp),
-    ]
+    # The v5 feature list (dense, causal both ways with empty rows, GQA/MQA, windows, softcap,
+    # varlen with empty and length-1 sequences, deterministic, both dtypes) at each head dim v5
+    # covers, plus the edges of its 128-key blocks (hd64 also 128-query steps): a block whose
+    # second 64-key half is past the sequence, narrow bands where one half of a block sees
+    # nothing, query counts one past a step, long GQA loops with the rotation.
+    dims = [128] + [d for d in (64,) if (d, d) in compiled["bfloat16"]]
+    for d in dims:
+        hd = f"hd{d}"
+        base = [
+            dict(name=f"{hd} dense", B=2, Nq=300, Nk=300),
+            dict(name=f"{hd} causal", B=2, Nq=300, Nk=300, causal=True),
+            dict(name=f"{hd} causal Nq<Nk", Nq=200, Nk=555, causal=True),
+            dict(name=f"{hd} causal Nq>Nk (empty rows)", Nq=555, Nk=200, causal=True),
+            dict(name=f"{hd} gqa fp16 causal", Hq=8, Hk=2, Nq=384, Nk=384, causal=True, dtype=fp),
+            dict(name=f"{hd} mqa", Hq=4, Hk=1, Nq=129, Nk=257),
+            dict(name=f"{hd} window(64,32)", Nq=500, Nk=500, window=(64, 32)),
+            dict(name=f"{hd} window(100,None)", Nq=300, Nk=700, window=(100, None)),
+            dict(name=f"{hd} softcap 30 causal", Nq=256, Nk=256, softcap=30.0, causal=True),
+            dict(
+                name=f"{hd} varlen causal",
+                varlen=([100, 0, 257, 1, 64], [130, 50, 257, 1, 0]),
+                causal=True,
+            ),
+            dict(name=f"{hd} varlen dense", varlen=([100, 3, 257], [130, 50, 200])),
+            dict(
+                name=f"{hd} deterministic causal",
+                B=2,
+                Nq=333,
+                Nk=333,
+                causal=True,
+                deterministic=True,
+            ),
+            dict(name=f"{hd} fp16 dense", Nq=1000, Nk=1000, dtype=fp),
+            dict(name=f"{hd} causal Nk=40", Nq=40, Nk=40, causal=True),
+            dict(name=f"{hd} window(10,10)", Nq=1000, Nk=1000, window=(10, 10)),
+            dict(name=f"{hd} gqa4 causal 2k", Hq=8, Hk=2, Nq=2048, Nk=2048, causal=True),
+            dict(name=f"{hd} softcap gqa fp16", Hq=4, Hk=2, Nq=320, Nk=700, softcap=20.0, dtype=fp),
+        ]
+        if d == 64:
+            base += [
+                dict(
+                    name="hd64 softcap window varlen",
+                    varlen=([129, 7, 300], [260, 7, 128]),
+                    window=(90, 20),
+                    softcap=15.0,
+                ),
+                dict(name="hd64 mqa causal Nq=129", Hq=8, Hk=1, Nq=129, Nk=1000, causal=True),
+                dict(name="hd64 fp16 window(0,0)", Nq=257, Nk=257, window=(0, 0), dtype=fp),
+            ]
+        out += [dict(c, D=d) for c in base]
     for d, dv in ((64, 64), (96, 96), (192, 192), (192, 128), (256, 256)):
         for dt in (bf, fp):
             key = "bfloat16" if dt is bf else "float16"
@@ -477,7 +500,7 @@ def main() -> int:
     ap.add_argument(
         "--bwd-variants",
         default=None,
-        help="comma list of LONGFLASH_CUDA_BWD values (v2,v3,v4,v5): every case runs once per "
+        help="comma list of LONGFLASH_CUDA_BWD values (v2,v3,v5): every case runs once per "
         "variant, its name suffixed [variant]; unset: whatever the environment selects",
     )
     args = ap.parse_args()

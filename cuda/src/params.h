@@ -56,16 +56,14 @@ struct BwdArgs {
   char* workspace;
   BwdWorkspace ws;
   // 2 = 64-key blocks, dQ by per-thread REDs; 3 = the same with smem staging + TMA bulk reduce;
-  // 4 = 128-key blocks, one warpgroup per 64 keys (bwd_v4.cuh; hd128 only, else v2);
-  // 5 = v4 with the dQ reduces issued by a dedicated writer warp (bwd_v5.cuh; hd128 only).
+  // 5 = 128-key blocks, one warpgroup per 64 keys, dQ reduces by writer warps (bwd_v5.cuh; hd64
+  // and hd128, else v2; the default).
   int bwd_version;
 };
 
 // LONGFLASH_CUDA_BWD=timing-no-dq-add: the backward without its dQ reductions (dQ comes out wrong).
 // It exists to measure what the reductions cost; nothing but benchmarks/cuda_bwd_ab.py sets it.
 constexpr int kBwdTimingNoDqAdd = -1;
-// LONGFLASH_CUDA_BWD=timing-v4-no-dq-add: the same experiment on v4 (hd128; dQ comes out wrong).
-constexpr int kBwdTimingV4NoDqAdd = -4;
 // LONGFLASH_CUDA_BWD=timing-v5-no-dq-add / timing-v5-no-reduce: v5 without the dQ staging and
 // reduces, or with the staging and the hand-over to the writer warp but no reduce (dQ wrong).
 constexpr int kBwdTimingV5NoDqAdd = -5;

@@ -1,28 +1,33 @@
 // Host side of the sm90 backward: TMA descriptors and the launch of the main kernel (one CTA per
-// (key block, kv head, sequence)), v2/v3 (64-key blocks) or v4/v5 (128-key blocks, hd128 only).
+// (key block, kv head, sequence)), v2/v3 (64-key blocks) or v5 (128-key blocks, hd64 and hd128).
 // The preprocess/postprocess kernels live in aux_kernels.cu. Target: sm_90a.
 #pragma once
 
 #include "bwd.cuh"
-#include "bwd_v4.cuh"
 #include "bwd_v5.cuh"
 #include "launch_common.cuh"
 
 namespace longflash::sm90 {
 
-// v4 takes the shapes it is written for, outside the deterministic mode (whose semaphore order
-// is per 64-key block); every other call runs v2/v3.
+// v5 takes the shapes it is written for (hd64, hd128) when asked for, and by default where it
+// has been validated, outside the deterministic mode (whose semaphore order is per 64-key
+// block); every other call runs v2/v3.
 template <typename Element, int kDqk, int kDv>
-bool bwd_v4_applies(BwdArgs const& a) {
-  return BwdKernelV4<Element, kDqk, kDv>::kSupported &&
-         (a.bwd_version == 4 || a.bwd_version == kBwdTimingV4NoDqAdd) && !a.s.deterministic;
+bool bwd_v5_applies(BwdArgs const& a) {
+  return kBwdV5Supported<kDqk, kDv> &&
+         (a.bwd_version == 5 ||
+          a.bwd_version == kBwdTimingV5NoDqAdd || a.bwd_version == kBwdTimingV5NoReduce) &&
+         !a.s.deterministic;
 }
 
-// v4's kernel parameters; v5 extends them.
-template <class K, typename Element = typename K::Element, int kDqk = K::kDqk, int kDv = K::kDv>
-typename K::Params v4_params(BwdArgs const& a, bool skip_dq_add) {
+template <typename Element, int kDqk, int kDv>
+cudaError_t launch_bwd_v5(BwdArgs const& a, cudaStream_t stream) {
+  using K = BwdKernelV5<Element, kDqk, kDv>;
   AttnShape const& s = a.s;
-  return typename K::Params{
+  DqMode const mode = a.bwd_version == kBwdTimingV5NoDqAdd    ? DqMode::kSkip
+                      : a.bwd_version == kBwdTimingV5NoReduce ? DqMode::kStageOnly
+                                                              : DqMode::kReduce;
+  typename K::Params const p{
       make_tma_copy(SM90_TMA_LOAD{},
                     gmem_view<Element>(a.q, s.rows_q, kDqk, s.heads_q, s.tma_batch),
                     take<0, 2>(typename K::SmemLayoutQ{}), Shape<Int<K::kBlockM>, Int<kDqk>>{},
@@ -51,41 +56,8 @@ typename K::Params v4_params(BwdArgs const& a, bool skip_dq_add) {
       (s.softcap > 0.f ? 1.f : s.scale) * kLog2e,
       s.softcap,
       s.softcap > 0.f ? s.scale / s.softcap : 0.f,
-      skip_dq_add,
+      mode,
   };
-}
-
-template <typename Element, int kDqk, int kDv>
-cudaError_t launch_bwd_v4(BwdArgs const& a, cudaStream_t stream) {
-  using K = BwdKernelV4<Element, kDqk, kDv>;
-  AttnShape const& s = a.s;
-  typename K::Params const p = v4_params<K>(a, a.bwd_version == kBwdTimingV4NoDqAdd);
-  auto kernel = bwd_kernel_v4<K>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         K::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  dim3 grid((s.seqlen_k + K::kBlockN - 1) / K::kBlockN, s.heads_k, s.batch);
-  kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
-}
-
-template <typename Element, int kDqk, int kDv>
-bool bwd_v5_applies(BwdArgs const& a) {
-  return BwdKernelV5<Element, kDqk, kDv>::kSupported &&
-         (a.bwd_version == 5 || a.bwd_version == kBwdTimingV5NoDqAdd ||
-          a.bwd_version == kBwdTimingV5NoReduce) &&
-         !a.s.deterministic;
-}
-
-template <typename Element, int kDqk, int kDv>
-cudaError_t launch_bwd_v5(BwdArgs const& a, cudaStream_t stream) {
-  using K = BwdKernelV5<Element, kDqk, kDv>;
-  using V4 = BwdKernelV4<Element, kDqk, kDv>;
-  AttnShape const& s = a.s;
-  DqMode const mode = a.bwd_version == kBwdTimingV5NoDqAdd    ? DqMode::kSkip
-                      : a.bwd_version == kBwdTimingV5NoReduce ? DqMode::kStageOnly
-                                                              : DqMode::kReduce;
-  typename K::Params const p{v4_params<V4>(a, false), mode};
   auto kernel = bwd_kernel_v5<K>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          K::kSmemBytes);
@@ -97,8 +69,7 @@ cudaError_t launch_bwd_v5(BwdArgs const& a, cudaStream_t stream) {
 
 template <typename Element, int kDqk, int kDv>
 cudaError_t launch_bwd(BwdArgs const& a, cudaStream_t stream) {
-  if constexpr (BwdKernelV4<Element, kDqk, kDv>::kSupported) {
-    if (bwd_v4_applies<Element, kDqk, kDv>(a)) return launch_bwd_v4<Element, kDqk, kDv>(a, stream);
+  if constexpr (kBwdV5Supported<kDqk, kDv>) {
     if (bwd_v5_applies<Element, kDqk, kDv>(a)) return launch_bwd_v5<Element, kDqk, kDv>(a, stream);
   }
   using K = BwdKernel<Element, kDqk, kDv>;

@@ -1,6 +1,7 @@
-// Backward attention v5: v4's dV = Pᵀ·dO, dK = scale·dSᵀ·Q, dQ += scale·dS·K; a writer warp adds dQ.
-// Tile 128 keys × 64 queries; K/V once per CTA, Q/dO/lse/dpsum 2-stage ring; dQ 64×128 fp32 staged
-// in 2 smem buffers, one 512-B TMA bulk reduce per row. Target sm_90a; hd128 only (else v2).
+// Backward attention v5: dV = Pᵀ·dO, dK = scale·dSᵀ·Q on chip per 128-key block, dQ += scale·dS·K.
+// Tile 128 keys × 64 queries (hd128) or × 128 queries (hd64), one 64-key chain per warpgroup; K/V
+// once per CTA, Q/dO/lse/dpsum 2-stage ring; dQ staged in 2 fp32 smem buffers, a bulk reduce a row.
+// Target sm_90a (wgmma RS/SS, TMA, bulk reduce, setmaxnreg); hd64 and hd128 (launcher: else v2).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -8,10 +9,19 @@
 
 #include "../params.h"
 #include "bwd.cuh"
-#include "bwd_v4.cuh"
 #include "utils.cuh"
 
 namespace longflash::sm90 {
+
+// The head dims v5 is written for; the launcher sends every other shape to v2 without
+// instantiating the kernel struct.
+template <int kDqk, int kDv>
+inline constexpr bool kBwdV5Supported = kDqk == kDv && (kDqk == 64 || kDqk == 128);
+
+__device__ __forceinline__ void sts_u32(void const* p, uint32_t v) {
+  uint32_t const a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(a), "r"(v) : "memory");
+}
 
 // The writer warp's primitives on 32-bit shared addresses (its 24 registers leave no room for
 // generic pointers to every barrier and buffer).
@@ -50,72 +60,129 @@ __device__ __forceinline__ void cp_async_arrive_noinc(uint64_t* bar) {
 
 // What v5 does with the dQ tile. kStageOnly and kSkip exist for timing only (dQ comes out wrong):
 // kStageOnly keeps the staging and the hand-over to the writer warp but issues no reduce, kSkip
-// drops both (the v4 `timing-v4-no-dq-add` equivalent).
+// drops both (the dQ GEMM's result is discarded).
 enum class DqMode : int { kReduce = 0, kSkip = 1, kStageOnly = 2 };
 
-// v4 with the dQ reductions taken off the consumers' chain. In v4 each consumer warp waited with
-// `cp.async.bulk.wait_group.read` for its previous reduces before restaging, and issued 16 reduces
-// itself per step. Here the consumers only write the fp32 tile into one of two staging buffers
-// and arrive on its `dq_full` mbarrier; warp 1 of the producer warpgroup (idle in v4) issues the
-// reduces, waits for their smem reads one step later and arrives on `dq_empty`. Shared memory pays
-// for the second buffer by giving up v4's dS double buffer (one more named barrier per step, see
-// consume). The producer warpgroup's 24 registers hold three loops: thread 0 issues the TMA
-// copies, warp 1 writes dQ, warp 2 brings lse/dpsum in by cp.async (v4's warp 0 did both loads).
+// The chain, per 128-key block and query step: each consumer warpgroup owns 64 keys and, from
+// registers, runs Sᵀ = K_w·Qᵀ and dPᵀ = V_w·dOᵀ, the P and dS passes, dV += Pᵀ·dO and
+// dK += dSᵀ·Q; both halves of dS meet in shared memory for dQ = dS·K over all 128 keys, which the
+// warpgroups split by columns (hd128: 64 each) or by query rows (hd64, 128-query steps: 64 each).
+// The consumers only stage the fp32 dQ tile in one of two buffers and arrive on its `dq_full`
+// mbarrier; writer warps of the producer warpgroup issue the reduces, wait for their smem reads
+// one step later and arrive on `dq_empty`. One dS buffer (two do not fit next to the staging), its
+// reuse ordered by one more named barrier pair per step (see consume). The producer warpgroup's 24
+// registers hold three loops: thread 0 issues the TMA copies, warp 1 (and warp 3 at hd64) writes
+// dQ, warp 2 brings lse/dpsum in by cp.async.
 template <typename Element_, int kDqk_, int kDv_>
-struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
-  using Base = BwdKernelV4<Element_, kDqk_, kDv_>;
+struct BwdKernelV5 {
   using Element = Element_;
   static constexpr int kDqk = kDqk_;
   static constexpr int kDv = kDv_;
-  static constexpr bool kSupported = Base::kSupported;
-  static constexpr int kBlockM = Base::kBlockM;
-  static constexpr int kBlockN = Base::kBlockN;
-  static constexpr int kWgKeys = Base::kWgKeys;
-  static constexpr int kStages = Base::kStages;
-  static constexpr int kThreads = Base::kThreads;
-  static constexpr int kConsumerThreads = Base::kConsumerThreads;
-  static constexpr int kChunk = Base::kChunk;
+  static_assert(kBwdV5Supported<kDqk, kDv>, "v5 is written for hd64 and hd128");
+  // At hd64 a 64-query step would halve the FLOPs per step while the exp work per score and the
+  // per-step barriers and waits stay: 128 queries keep hd128's 10.5 MFLOP per step, with the
+  // same register peak (Sᵀ, dPᵀ 64 each + dV, dK 32 each = 192 fp32 per thread).
+  static constexpr int kBlockM = kDqk == 64 ? 128 : 64;  // queries per step
+  static constexpr int kBlockN = 128;  // keys per CTA: 64 per consumer warpgroup
+  static constexpr int kWgKeys = 64;
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 384;
+  static constexpr int kConsumerThreads = 256;
   static constexpr int kConsumerWarps = kConsumerThreads / 32;
-  static constexpr uint32_t kBytesKV = Base::kBytesKV;
-  static constexpr uint32_t kBytesQdO = Base::kBytesQdO;
+  // dQ = dS·K split between the warpgroups: by columns at hd128 (each half a whole 64-column
+  // swizzle atom of K), by query rows at hd64 (64 columns are one atom; one wgmma M atom per
+  // warpgroup). Warpgroup w's tile is kDqRows × kChunk either way.
+  static constexpr bool kDqSplitRows = kDqk == 64;
+  static constexpr int kDqRows = kDqSplitRows ? kBlockM / 2 : kBlockM;
+  static constexpr int kChunk = kDqSplitRows ? kDqk : kDqk / 2;
+  static_assert(kChunk % 64 == 0 && kDqRows == 64,
+                "a dQ tile is one 64-row wgmma atom of whole 64-column swizzle atoms");
   // The CTA's pool is 168 × 384 registers (launch bounds); 128·P + 256·C must fit in it.
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 168 * kThreads);
 
-  static constexpr int kBarDsReady = Base::kBarDsReady;  // both halves of dS are in smem
+  // At hd64 the mask-free softcap passes (64 + 64 scores per thread) made ptxas spill 128 B
+  // across the whole consumer loop; softcap tiles take the masked passes there (the extra
+  // compares are cheap next to the tanh and the exp per score), which fit in 240 registers.
+  static constexpr bool kFullSoftcapPasses = !kDqSplitRows;
+
+  static constexpr int kBarDsReady = 1;  // both halves of dS are in smem
   // kBarDsFree + w: warpgroup w's dQ GEMM of the previous step is done, so the single dS buffer
   // may be overwritten (arrived on by w, waited on by the other warpgroup).
   static constexpr int kBarDsFree = 2;
 
-  using MmaS = typename Base::MmaS;
-  using MmaDP = typename Base::MmaDP;
-  using MmaDV = typename Base::MmaDV;
-  using MmaDK = typename Base::MmaDK;
-  using MmaDQ = typename Base::MmaDQ;
-  using SmemLayoutK = typename Base::SmemLayoutK;
-  using SmemLayoutV = typename Base::SmemLayoutV;
-  using SmemLayoutQ = typename Base::SmemLayoutQ;
-  using SmemLayoutdO = typename Base::SmemLayoutdO;
-  using SmemLayoutQt = typename Base::SmemLayoutQt;
-  using SmemLayoutdOt = typename Base::SmemLayoutdOt;
-  using SmemLayoutKt = typename Base::SmemLayoutKt;
-  // One dS buffer (v4 had one per ring stage): the trailing mode of size 1 keeps v4's indexing.
+  using One = Layout<Shape<_1, _1, _1>>;
+  using MmaS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockM>, Int<kDqk>>>(), One{}));
+  using MmaDP = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockM>, Int<kDv>>>(), One{}));
+  using MmaDV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kDv>, Int<kBlockM>>,
+                           GMMA::Major::K, GMMA::Major::MN>(),
+      One{}));
+  using MmaDK = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kDqk>, Int<kBlockM>>,
+                           GMMA::Major::K, GMMA::Major::MN>(),
+      One{}));
+  using MmaDQ = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kDqRows>, Int<kChunk>, Int<kBlockN>>,
+                           GMMA::Major::MN, GMMA::Major::MN>(),
+      One{}));
+
+  using SmemLayoutK =
+      decltype(tile_to_shape(k_major_atom<Element, kDqk>(), Shape<Int<kBlockN>, Int<kDqk>>{}));
+  using SmemLayoutV =
+      decltype(tile_to_shape(k_major_atom<Element, kDv>(), Shape<Int<kBlockN>, Int<kDv>>{}));
+  using SmemLayoutQ = decltype(tile_to_shape(k_major_atom<Element, kDqk>(),
+                                             Shape<Int<kBlockM>, Int<kDqk>, Int<kStages>>{}));
+  using SmemLayoutdO = decltype(tile_to_shape(k_major_atom<Element, kDv>(),
+                                              Shape<Int<kBlockM>, Int<kDv>, Int<kStages>>{}));
+  using SmemLayoutQt = decltype(composition(
+      SmemLayoutQ{},
+      make_ordered_layout(Shape<Int<kDqk>, Int<kBlockM>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+  using SmemLayoutdOt = decltype(composition(
+      SmemLayoutdO{},
+      make_ordered_layout(Shape<Int<kDv>, Int<kBlockM>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+  using SmemLayoutKt = decltype(composition(
+      SmemLayoutK{}, make_ordered_layout(Shape<Int<kDqk>, Int<kBlockN>>{}, Step<_2, _1>{})));
+  // dS (queries × keys) stored query-contiguous: the MN-major A operand of dQ = dS·K. One buffer;
+  // the trailing mode of size 1 keeps the stage-indexed form of the two-buffer version.
   using SmemLayoutdS = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
                                               Shape<Int<kBlockM>, Int<kBlockN>, _1>{}));
   using SmemLayoutdSt = decltype(composition(
       SmemLayoutdS{},
       make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>, _1>{}, Step<_2, _1, _3>{})));
 
-  // dQ staging: both warpgroups' 64-column halves of a row side by side, so that the row leaves
-  // in one 512-B reduce. Rows padded by 8 floats: the float2 stores of a half-warp (4 rows × 8
-  // columns) then hit 32 distinct banks, and each row stays 16-byte aligned for the bulk copy.
+  using GmemLayout = Layout<Shape<int32_t, int32_t, int32_t, int32_t>,
+                            Stride<int64_t, _1, int64_t, int64_t>>;
+  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)),
+                                          GmemLayout{}));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutK{},
+                                      Shape<Int<kBlockN>, Int<kDqk>>{}, _1{}));
+  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutV{},
+                                      Shape<Int<kBlockN>, Int<kDv>>{}, _1{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutQ{}),
+                                      Shape<Int<kBlockM>, Int<kDqk>>{}, _1{}));
+  using TmadO = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutdO{}),
+                                       Shape<Int<kBlockM>, Int<kDv>>{}, _1{}));
+
+  static constexpr uint32_t kBytesKV = kBlockN * (kDqk + kDv) * sizeof(Element);
+  static constexpr uint32_t kBytesQdO = kBlockM * (kDqk + kDv) * sizeof(Element);
+
+  // dQ staging: a row of the tile (both warpgroups' halves at hd128) leaves in one bulk reduce.
+  // Rows padded by 8 floats: the float2 stores of a half-warp (4 rows × 8 columns) then hit 32
+  // distinct banks, and each row stays 16-byte aligned for the bulk copy.
   static constexpr int kDqBufs = 2;
   static constexpr int kStageStride = kDqk + 8;
   static constexpr int kStageFloats = kBlockM * kStageStride;
+  // One writer warp per 64 rows of the tile, so each issues hd128's 2 reduces per lane per step.
+  static constexpr int kWriterWarps = kBlockM / 64;
+  static_assert(kWriterWarps == 1 || kWriterWarps == 2, "writer warps are warps 1 and 3");
 
-  // 128 KiB K/V/Q/dO + 16 KiB dS + 2 × 34 KiB staging + 1 KiB lse/dpsum = 213 KiB. Keeping v4's two
-  // dS buffers would need 229 KiB, over the 227 KiB limit.
+  // hd128: 128 KiB K/V/Q/dO + 16 KiB dS + 2 × 34 KiB staging + 1 KiB lse/dpsum = 214 KiB with
+  // alignment (a second dS buffer would need 229 KiB, over the 227 KiB limit). hd64: 96 KiB +
+  // 32 KiB dS + 2 × 36 KiB + 2 KiB = 203 KiB (a second dS buffer: 235 KiB).
   struct SharedStorage {
     cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
@@ -123,18 +190,34 @@ struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
     cute::array_aligned<Element, cosize_v<SmemLayoutdO>, 1024> dout;
     cute::array_aligned<Element, cosize_v<SmemLayoutdS>, 1024> ds;
     cute::array_aligned<float, kDqBufs * kStageFloats, 128> dq_stage;
+    // lse·log2e and rowsum(dO·O) of each stage's queries, written by the stats warp.
     cute::array_aligned<float, kStages * kBlockM, 16> lse;
     cute::array_aligned<float, kStages * kBlockM, 16> dpsum;
     uint64_t kv_full;
     uint64_t q_full[kStages];
     uint64_t q_empty[kStages];
     uint64_t dq_full[kDqBufs];   // one arrival per consumer warp
-    uint64_t dq_empty[kDqBufs];  // one arrival by the writer warp
+    uint64_t dq_empty[kDqBufs];  // one arrival per writer warp
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
-  static_assert(!kSupported || kSmemBytes <= 227 * 1024, "shared memory budget");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
 
-  struct Params : Base::Params {
+  struct Params {
+    TmaQ tma_q;
+    TmaK tma_k;
+    TmaV tma_v;
+    TmadO tma_do;
+    AttnShape s;
+    Element* dk;
+    int64_t dk_batch_stride, dk_seq_stride, dk_head_stride;
+    Element* dv;
+    int64_t dv_batch_stride, dv_seq_stride, dv_head_stride;
+    float* dq_accum;        // (rows, Hq, Dqk) fp32
+    float const* lse_log2;  // lse layout
+    float const* dpsum;     // lse layout
+    float scale_log2;
+    float softcap;
+    float softcap_scale;
     DqMode dq_mode;
   };
 
@@ -161,7 +244,7 @@ struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kDqBufs; ++i) {
         Barrier::init(&ss.dq_full[i], kConsumerWarps);
-        Barrier::init(&ss.dq_empty[i], 1);
+        Barrier::init(&ss.dq_empty[i], kWriterWarps);
       }
       cutlass::arch::fence_barrier_init();
     }
@@ -172,7 +255,8 @@ struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
       if (m_lo <= m_hi) {
         if (threadIdx.x == 0) {
           produce(p, ss, seq, n_block, hk, m_lo, m_hi);
-        } else if (threadIdx.x / 32 == 1 && p.dq_mode != DqMode::kSkip) {
+        } else if ((threadIdx.x / 32 == 1 || (kWriterWarps == 2 && threadIdx.x / 32 == 3)) &&
+                   p.dq_mode != DqMode::kSkip) {
           write_dq(p, ss);
         } else if (threadIdx.x / 32 == 2) {
           load_stats(p, ss);
@@ -184,7 +268,7 @@ struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
     }
   }
 
-  // Warp 0, lane 0: v4's TMA producer (K/V once, Q/dO per stage). The stage's lse and dpsum come
+  // Warp 0, lane 0: the TMA producer (K/V once, Q/dO per stage). The stage's lse and dpsum come
   // from warp 2 (load_stats), so each warp's loop fits the producer warpgroup's 24 registers next
   // to the writer warp's code; q_full counts this lane's arrival (with the TMA bytes) and warp 2's
   // 32.
@@ -298,16 +382,18 @@ struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
     }
   }
 
-  // The dQ-writer warp: walks the consumers' step order; lane l reduces rows l and l + 32 of each
-  // staged tile. A buffer is released one step late (`wait_group.read 1`: all but the newest
-  // group have been read), so the reads of a step's reduces overlap the next step's chain. Written
-  // for the producer warpgroup's 24 registers: one step counter, the query block advanced in place
-  // (the rotated order of query_block_at wraps back to its start after `count` steps, where the
-  // next head begins), 32-bit row offsets from a per-head base.
+  // A dQ-writer warp: walks the consumers' step order; writer warp x (0: warp 1, 1: warp 3) takes
+  // rows [64x, 64x + 64) of each staged tile, its lane l rows 64x + l and 64x + l + 32. A buffer
+  // is released one step late (`wait_group.read 1`: all but the newest group have been read), so
+  // the reads of a step's reduces overlap the next step's chain; with two writers `dq_empty`
+  // completes when both have released it. Written for the producer warpgroup's 24 registers: one
+  // step counter, the query block advanced in place (the rotated order of query_block_at wraps
+  // back to its start after `count` steps, where the next head begins), 32-bit row offsets from a
+  // per-head base.
   // The block geometry is recomputed here rather than passed in: sharing it with the producer's
   // branch made ptxas spill in the producer (24 registers).
   static __device__ __forceinline__ void write_dq(Params const& p, SharedStorage& ss) {
-    static_assert(kDqBufs == 2 && kBlockM == 64, "two buffers, two rows per lane");
+    static_assert(kDqBufs == 2 && kBlockM == 64 * kWriterWarps, "two buffers, two rows per lane");
     int const n_block = blockIdx.x;
     int const hk = blockIdx.y;
     SeqInfo const seq(p.s, blockIdx.z);
@@ -316,6 +402,7 @@ struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
     band.query_blocks(n_block * kBlockN, min(n_block * kBlockN + kBlockN, seq.len_k) - 1, kBlockM,
                       m_lo, m_hi);
     int const lane = threadIdx.x % 32;
+    int const r0 = kWriterWarps == 1 ? lane : lane + (threadIdx.x / 32 == 3 ? 64 : 0);
     int const count = m_hi - m_lo + 1;
     int const total = (p.s.heads_q / p.s.heads_k) * count;
     int const row_stride = p.s.heads_q * kDqk;  // floats; < 2^31 (validated extents)
@@ -326,7 +413,7 @@ struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
     int m = m_lo + n_block % count;
     int i = 0;
     uint32_t const stage0 = static_cast<uint32_t>(__cvta_generic_to_shared(ss.dq_stage.data())) +
-                            lane * kStageStride * int(sizeof(float));
+                            r0 * kStageStride * int(sizeof(float));
     uint32_t const full0 = static_cast<uint32_t>(__cvta_generic_to_shared(&ss.dq_full[0]));
     uint32_t const empty0 = static_cast<uint32_t>(__cvta_generic_to_shared(&ss.dq_empty[0]));
 #pragma unroll 1
@@ -334,7 +421,7 @@ struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
       int const buf = step & 1;
       wait_parity(full0 + 8 * buf, (step >> 1) & 1);
       if (reduce) {
-        int const row = m * kBlockM + lane;
+        int const row = m * kBlockM + r0;
         uint32_t const src = stage0 + buf * (kStageFloats * int(sizeof(float)));
         if (row < seq.len_q) {
           bulk_reduce_add_f32_s(dq_head + int64_t(row) * row_stride, src,
@@ -362,7 +449,88 @@ struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
     bulk_wait_all();
   }
 
-  // One consumer warpgroup: v4's chain, with a single dS buffer and the dQ tile handed over.
+  template <class Acc, class Coord>
+  static __device__ __forceinline__ void store_rows(Acc const& acc, Coord const& coord,
+                                                    Element* base, int64_t seq_stride, int j0,
+                                                    int len_k, float mul) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(acc); i += 2) {
+      int const row = j0 + get<0>(coord(i));
+      if (row < len_k) {
+        alignas(4) Element pair[2] = {Element(acc(i) * mul), Element(acc(i + 1) * mul)};
+        *reinterpret_cast<uint32_t*>(base + int64_t(row) * seq_stride + get<1>(coord(i))) =
+            *reinterpret_cast<uint32_t*>(pair);
+      }
+    }
+  }
+
+  // Elementwise work in two passes around the dPᵀ wait. Without softcap, pass 1 turns Sᵀ into
+  // P = exp2(Sᵀ·scale·log2e − lse) while dPᵀ is still in flight and pass 2 forms
+  // dS = P·(dPᵀ − dpsum). With softcap, pass 1 keeps t = tanh(Sᵀ/c) and pass 2 forms P from it and
+  // dS = P·(1 − t²)·(dPᵀ − dpsum), so no third accumulator-sized array is live. kMask: the tile
+  // crosses a mask or sequence edge; full tiles run loops with no branch and no select.
+  template <bool kMask, bool kSoftcap, class TS, class TC>
+  static __device__ __forceinline__ void pass1(Params const& p, TS& S_rc, TC const& c_rc,
+                                               float const* lse_s, int qc, BandMask const& band,
+                                               int i0, int jw0) {
+    constexpr int kRows = decltype(size<0>(S_rc))::value;
+    constexpr int kCols = decltype(size<1>(S_rc))::value;
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      // Column c = 2j + e holds query 8j + 2(t%4) + e (utils.cuh acc_rowcol).
+      float const l = lse_s[8 * (c / 2) + qc + (c % 2)];
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        if constexpr (kSoftcap) {
+          S_rc(r, c) = tanh_fast(S_rc(r, c) * p.softcap_scale);
+        } else {
+          float pr = exp2f(S_rc(r, c) * p.scale_log2 - l);
+          if constexpr (kMask) {
+            int const key = jw0 + get<0>(c_rc(r, c));
+            int const query = i0 + get<1>(c_rc(r, c));
+            if (query >= band.len_q || !band.visible(query, key)) pr = 0.f;
+          }
+          S_rc(r, c) = pr;
+        }
+      }
+    }
+  }
+
+  template <bool kMask, bool kSoftcap, class TS, class TdP, class TC>
+  static __device__ __forceinline__ void pass2(Params const& p, TS& S_rc, TdP& dP_rc,
+                                               TC const& c_rc, float const* lse_s,
+                                               float const* dpsum_s, int qc, BandMask const& band,
+                                               int i0, int jw0) {
+    constexpr int kRows = decltype(size<0>(S_rc))::value;
+    constexpr int kCols = decltype(size<1>(S_rc))::value;
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      int const q = 8 * (c / 2) + qc + (c % 2);
+      float const d = dpsum_s[q];
+      float l = 0.f;
+      if constexpr (kSoftcap) l = lse_s[q];
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        float pr = S_rc(r, c);
+        float pf = pr;
+        if constexpr (kSoftcap) {
+          float const t = pr;
+          pr = exp2f(p.softcap * t * p.scale_log2 - l);
+          if constexpr (kMask) {
+            int const key = jw0 + get<0>(c_rc(r, c));
+            int const query = i0 + get<1>(c_rc(r, c));
+            if (query >= band.len_q || !band.visible(query, key)) pr = 0.f;
+          }
+          S_rc(r, c) = pr;
+          pf = pr * (1.f - t * t);
+        }
+        dP_rc(r, c) = pf * (dP_rc(r, c) - d);
+      }
+      if constexpr (kBlockM == 128 && kSoftcap) asm volatile("" ::: "memory");
+    }
+  }
+
+  // One consumer warpgroup: keys [j0 + 64w, j0 + 64w + 64) of the block, the whole chain per step.
   static __device__ __forceinline__ void consume(Params const& p, SharedStorage& ss,
                                                  SeqInfo const& seq, BandMask const& band,
                                                  int n_block, int hk, int w, int m_lo, int m_hi) {
@@ -394,7 +562,22 @@ struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
     Tensor sVw = local_tile(sV, Shape<Int<kWgKeys>, Int<kDv>>{}, make_coord(w, _0{}));
     Tensor sdStw =
         local_tile(sdSt, Shape<Int<kWgKeys>, Int<kBlockM>, _1>{}, make_coord(w, _0{}, _0{}));
-    Tensor sKt_c = local_tile(sKt, Shape<Int<kChunk>, Int<kBlockN>>{}, make_coord(w, _0{}));
+    // Warpgroup w's dQ operands: at hd128 all 64 queries of dS and K's column half w; at hd64
+    // queries [64w, 64w + 64) of dS and all of K.
+    auto const sdS_dq = [&] {
+      if constexpr (kDqSplitRows) {
+        return local_tile(sdS, Shape<Int<kDqRows>, Int<kBlockN>, _1>{}, make_coord(w, _0{}, _0{}));
+      } else {
+        return sdS;
+      }
+    }();
+    auto const sKt_c = [&] {
+      if constexpr (kDqSplitRows) {
+        return sKt;
+      } else {
+        return local_tile(sKt, Shape<Int<kChunk>, Int<kBlockN>>{}, make_coord(w, _0{}));
+      }
+    }();
 
     Tensor tSrK = thr_s.partition_fragment_A(sKw);
     Tensor tSrQ = thr_s.partition_fragment_B(sQ);
@@ -402,7 +585,7 @@ struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
     Tensor tdPrdO = thr_dp.partition_fragment_B(sdO);
     Tensor tdVrdO = thr_dv.partition_fragment_B(sdOt);
     Tensor tdKrQ = thr_dk.partition_fragment_B(sQt);
-    Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);
+    Tensor tdQrdS = thr_dq.partition_fragment_A(sdS_dq);
     Tensor tdQrK = thr_dq.partition_fragment_B(sKt_c);
     Tensor tdSsdS = thr_dp.partition_C(sdStw);
 
@@ -410,12 +593,12 @@ struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
     Tensor accdP = partition_fragment_C(mma_dp, Shape<_64, Int<kBlockM>>{});
     Tensor accdV = partition_fragment_C(mma_dv, Shape<_64, Int<kDv>>{});
     Tensor accdK = partition_fragment_C(mma_dk, Shape<_64, Int<kDqk>>{});
-    Tensor accdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kChunk>>{});
+    Tensor accdQ = partition_fragment_C(mma_dq, Shape<Int<kDqRows>, Int<kChunk>>{});
     Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<_64, Int<kBlockM>>{}));
     Tensor S_rc = make_tensor(accS.data(), acc_rowcol(accS.layout()));
     Tensor dP_rc = make_tensor(accdP.data(), acc_rowcol(accdP.layout()));
     Tensor cS_rc = make_tensor(cS.data(), acc_rowcol(cS.layout()));
-    Tensor cdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kChunk>>{}));
+    Tensor cdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kDqRows>, Int<kChunk>>{}));
     static_assert(decltype(size(accS))::value == decltype(size(accdP))::value);
 
     clear(accdV);
@@ -429,7 +612,7 @@ struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
       Barrier::wait(&ss.kv_full, 0);
       RingState<kStages> st;
       // The staging buffer and its phase follow from the step (one tile per step), and the last
-      // step from the loop counters: no extra live registers next to v4's.
+      // step from the loop counters: no extra live registers in the chain.
       int step = 0;
       for (int hh = 0; hh < group; ++hh) {
         for (int i = 0; i < count; ++i, ++step) {
@@ -438,42 +621,38 @@ struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
           Barrier::wait(&ss.q_full[st.index], st.phase);
           wg_gemm<true, -1, false>(mma_s, tSrK, tSrQ(_, _, _, st.index), accS);
           wg_gemm<true, -1, false>(mma_dp, tdPrV, tdPrdO(_, _, _, st.index), accdP);
-          bool const full = i0 + kBlockM <= seq.len_q &&
+          bool const full = (kFullSoftcapPasses || !softcap) && i0 + kBlockM <= seq.len_q &&
                             band.tile_is_full(i0, i0 + kBlockM - 1, jw0, jw0 + kWgKeys - 1);
           float const* lse_s = ss.lse.data() + st.index * kBlockM;
           float const* dpsum_s = ss.dpsum.data() + st.index * kBlockM;
           warpgroup_wait<1>();
           warpgroup_fence_operand(accS);
           if (full) {
-            if (softcap) {
-              Base::template pass1<false, true>(p, S_rc, cS_rc, lse_s, qc, band, i0, jw0);
+            if (kFullSoftcapPasses && softcap) {
+              pass1<false, true>(p, S_rc, cS_rc, lse_s, qc, band, i0, jw0);
             } else {
-              Base::template pass1<false, false>(p, S_rc, cS_rc, lse_s, qc, band, i0, jw0);
+              pass1<false, false>(p, S_rc, cS_rc, lse_s, qc, band, i0, jw0);
             }
           } else {
             if (softcap) {
-              Base::template pass1<true, true>(p, S_rc, cS_rc, lse_s, qc, band, i0, jw0);
+              pass1<true, true>(p, S_rc, cS_rc, lse_s, qc, band, i0, jw0);
             } else {
-              Base::template pass1<true, false>(p, S_rc, cS_rc, lse_s, qc, band, i0, jw0);
+              pass1<true, false>(p, S_rc, cS_rc, lse_s, qc, band, i0, jw0);
             }
           }
           warpgroup_wait<0>();
           warpgroup_fence_operand(accdP);
           if (full) {
-            if (softcap) {
-              Base::template pass2<false, true>(p, S_rc, dP_rc, cS_rc, lse_s, dpsum_s, qc, band,
-                                                i0, jw0);
+            if (kFullSoftcapPasses && softcap) {
+              pass2<false, true>(p, S_rc, dP_rc, cS_rc, lse_s, dpsum_s, qc, band, i0, jw0);
             } else {
-              Base::template pass2<false, false>(p, S_rc, dP_rc, cS_rc, lse_s, dpsum_s, qc, band,
-                                                 i0, jw0);
+              pass2<false, false>(p, S_rc, dP_rc, cS_rc, lse_s, dpsum_s, qc, band, i0, jw0);
             }
           } else {
             if (softcap) {
-              Base::template pass2<true, true>(p, S_rc, dP_rc, cS_rc, lse_s, dpsum_s, qc, band,
-                                               i0, jw0);
+              pass2<true, true>(p, S_rc, dP_rc, cS_rc, lse_s, dpsum_s, qc, band, i0, jw0);
             } else {
-              Base::template pass2<true, false>(p, S_rc, dP_rc, cS_rc, lse_s, dpsum_s, qc, band,
-                                                i0, jw0);
+              pass2<true, false>(p, S_rc, dP_rc, cS_rc, lse_s, dpsum_s, qc, band, i0, jw0);
             }
           }
           Tensor rP = convert_to<Element>(accS);
@@ -519,10 +698,12 @@ struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
           st.advance();
           if (p.dq_mode == DqMode::kSkip) continue;
 
-          // Hand the tile to the writer warp: columns [64w, 64w + 64) of the shared 64 × 128 buffer.
+          // Hand the tile to the writer warps: at hd128 columns [64w, 64w + 64) of the shared
+          // 64 × 128 buffer, at hd64 rows [64w, 64w + 64) of the 128 × 64 one.
           int const sb = step & 1;
           Barrier::wait(&ss.dq_empty[sb], ((step >> 1) & 1) ^ 1);
-          float* const buf = ss.dq_stage.data() + sb * kStageFloats + w * kChunk;
+          float* const buf = ss.dq_stage.data() + sb * kStageFloats +
+                             (kDqSplitRows ? w * kDqRows * kStageStride : w * kChunk);
           CUTLASS_PRAGMA_UNROLL
           for (int e = 0; e < size(accdQ); e += 2) {
             *reinterpret_cast<float2*>(buf + get<0>(cdQ(e)) * kStageStride + get<1>(cdQ(e))) =
@@ -538,11 +719,11 @@ struct BwdKernelV5 : BwdKernelV4<Element_, kDqk_, kDv_> {
     Tensor cdV = thr_dv.partition_C(make_identity_tensor(Shape<_64, Int<kDv>>{}));
     Element* vbase = p.dv + int64_t(seq.tma_batch) * p.dv_batch_stride +
                      int64_t(seq.start_k) * p.dv_seq_stride + int64_t(hk) * p.dv_head_stride;
-    Base::store_rows(accdV, cdV, vbase, p.dv_seq_stride, jw0, seq.len_k, 1.f);
+    store_rows(accdV, cdV, vbase, p.dv_seq_stride, jw0, seq.len_k, 1.f);
     Tensor cdK = thr_dk.partition_C(make_identity_tensor(Shape<_64, Int<kDqk>>{}));
     Element* kbase = p.dk + int64_t(seq.tma_batch) * p.dk_batch_stride +
                      int64_t(seq.start_k) * p.dk_seq_stride + int64_t(hk) * p.dk_head_stride;
-    Base::store_rows(accdK, cdK, kbase, p.dk_seq_stride, jw0, seq.len_k, p.s.scale);
+    store_rows(accdK, cdK, kbase, p.dk_seq_stride, jw0, seq.len_k, p.s.scale);
   }
 };
 
