@@ -28,10 +28,18 @@ def test_readme_block_is_up_to_date():
     assert rr.main(["--check"]) == 0, "run python benchmarks/readme_results.py"
 
 
-def _bench_doc(path: Path, *, quick: bool, ms: dict[str, float]) -> None:
+def _bench_doc(
+    path: Path,
+    *,
+    quick: bool,
+    ms: dict[str, float],
+    framework: str = "torch",
+    key: str = "c",
+    date: str = "2026-01-01T00:00:00",
+) -> None:
     case = {
-        "key": "c",
-        "label": "fwd d128 N16K",
+        "key": key,
+        "label": f"fwd d128 N16K {key}",
         "direction": "fwd",
         "causal": False,
         "Dqk": 128,
@@ -39,15 +47,15 @@ def _bench_doc(path: Path, *, quick: bool, ms: dict[str, float]) -> None:
         "Nk": 16384,
     }
     doc = {
-        "date": "2026-01-01T00:00:00",
-        "config": {"device": "cuda", "framework": "torch", "quick": quick},
+        "date": date,
+        "config": {"device": "cuda", "framework": framework, "quick": quick},
         "machine": {"gpu": {"name": "GPU"}},
         "command": ["longflash", "bench"],
         "contenders": [{"name": name} for name in ms],
         "cases": [case],
         "measurements": [
             {
-                "case": "c",
+                "case": key,
                 "contender": name,
                 "status": "ok",
                 "ms": t,
@@ -71,7 +79,7 @@ def test_table_reads_ratios_from_the_files(tmp_path, monkeypatch):
     assert "| `ours` | 100 (2.00× FA2) |" in text
     _bench_doc(tmp_path / "bench-a.json", quick=False, ms={"ours": 1.0, "sdpa-flash": 2.0})
     page = rr.render_bench_page()
-    assert "| fwd d128 N16K | 100 | 50 |" in page
+    assert "| fwd d128 N16K c | 100 | 50 |" in page
     assert "2.00–2.00× FA2" in text and "9.00–9.00× plain" in text
 
 
@@ -86,3 +94,25 @@ def test_stale_block_is_reported(tmp_path, monkeypatch):
     assert rr.main([]) == 0 and rr.main(["--check"]) == 0
     assert readme.read_text().startswith("x\n") and readme.read_text().endswith("\ny\n")
     assert "No full GPU run" in page.read_text() and page.read_text().endswith("\nb\n")
+
+
+def test_jax_runs_get_their_own_table_and_page_section(tmp_path, monkeypatch):
+    monkeypatch.setattr(rr, "RESULTS", tmp_path)
+    _bench_doc(tmp_path / "bench-t.json", quick=False, ms={"ours": 1.0, "sdpa-flash": 2.0})
+    _bench_doc(
+        tmp_path / "bench-j.json",
+        quick=False,
+        framework="jax",
+        ms={"ours": 1.0, "pallas-mha": 1.5, "jax-xla": 4.0},
+    )
+    text = rr.render()
+    torch_part, jax_part = text.split("JAX front-end")
+    # JAX peers never leak into the torch table, and the other way round.
+    assert "| `ours` | 100 (2.00× FA2) |" in torch_part and "XLA" not in torch_part
+    assert "| `ours` | 100 (1.50× JAX Pallas, 4.00× XLA) |" in jax_part and "FA2" not in jax_part
+    # An older run measuring other cases stays on the bench page; one fully superseded goes.
+    _bench_doc(tmp_path / "bench-old.json", quick=False, ms={"ours": 2.0}, key="d", date="2025")
+    _bench_doc(tmp_path / "bench-dup.json", quick=False, ms={"ours": 3.0}, date="2025-06")
+    page = rr.render_bench_page()
+    assert "bench-old.json" in page and "bench-dup.json" not in page
+    assert "bench-t.json" in page and "bench-j.json" in page
