@@ -4,7 +4,8 @@ then timings at hd128 16K against SDPA flash and cuDNN in the same process.
 Run on an sm_90 machine with the library built (LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so):
     PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src python benchmarks/cuda_check.py \
         --phase {fwd,bwd,bench,all} --out results.json [--quick] [--only NAME] \
-        [--bwd-variants v2,v5]
+        [--bwd-variants v2,v5]   (hd256: --only hd256 --bwd-variants v2,v6)
+        [--fwd-variants default,v3]   (hd64 forward v3: --phase fwd --only hd64)
 Writes one JSON with every case's errors and every timing; prints a short table last.
 """
 
@@ -243,7 +244,9 @@ def cases(quick: bool, compiled):
     # covers, plus the edges of its 128-key blocks (hd64 also 128-query steps): a block whose
     # second 64-key half is past the sequence, narrow bands where one half of a block sees
     # nothing, query counts one past a step, long GQA loops with the rotation.
-    dims = [128] + [d for d in (64,) if (d, d) in compiled["bfloat16"]]
+    # hd256 is v6's (LONGFLASH_CUDA_BWD=v6: 64-key blocks, dK/dV/dQ split by head-dim halves,
+    # P and dS through smem): the same list, plus its own edges below.
+    dims = [128] + [d for d in (64, 256) if (d, d) in compiled["bfloat16"]]
     for d in dims:
         hd = f"hd{d}"
         base = [
@@ -276,16 +279,64 @@ def cases(quick: bool, compiled):
             dict(name=f"{hd} gqa4 causal 2k", Hq=8, Hk=2, Nq=2048, Nk=2048, causal=True),
             dict(name=f"{hd} softcap gqa fp16", Hq=4, Hk=2, Nq=320, Nk=700, softcap=20.0, dtype=fp),
         ]
-        if d == 64:
+        if d in (64, 256):
             base += [
                 dict(
-                    name="hd64 softcap window varlen",
+                    name=f"{hd} softcap window varlen",
                     varlen=([129, 7, 300], [260, 7, 128]),
                     window=(90, 20),
                     softcap=15.0,
                 ),
-                dict(name="hd64 mqa causal Nq=129", Hq=8, Hk=1, Nq=129, Nk=1000, causal=True),
-                dict(name="hd64 fp16 window(0,0)", Nq=257, Nk=257, window=(0, 0), dtype=fp),
+                dict(name=f"{hd} mqa causal Nq=129", Hq=8, Hk=1, Nq=129, Nk=1000, causal=True),
+                dict(name=f"{hd} fp16 window(0,0)", Nq=257, Nk=257, window=(0, 0), dtype=fp),
+            ]
+        if d == 256:
+            # v6 edges: the last 64-key block mostly past the keys (Nk = 65), a softcap tile that
+            # crosses the causal diagonal with Nq > Nk, fp16 varlen with a one-key sequence.
+            base += [
+                dict(name="hd256 causal Nk=65", Nq=65, Nk=65, causal=True),
+                dict(name="hd256 softcap causal Nq>Nk", Nq=300, Nk=190, softcap=25.0, causal=True),
+                dict(
+                    name="hd256 fp16 varlen window",
+                    varlen=([64, 1, 200], [1, 65, 330]),
+                    window=(40, 8),
+                    dtype=fp,
+                ),
+            ]
+        if d == 64:
+            # Forward v3 edges (LONGFLASH_CUDA_FWD=v3: 192-query blocks of three 64-row
+            # warpgroups, 4-stage K/V ring): query counts one short of, at and one past a block;
+            # causal Nq > Nk where whole warpgroups see no key; bands where only one warpgroup's
+            # rows meet a tile; varlen sequences at the block edges; a ring that wraps many times.
+            base += [
+                dict(name="hd64 v3-edge causal Nq=193 Nk=450", Nq=193, Nk=450, causal=True),
+                dict(name="hd64 v3-edge gqa causal 192", Hq=4, Hk=2, Nq=192, Nk=192, causal=True),
+                dict(
+                    name="hd64 v3-edge fp16 Nq>Nk",
+                    Hq=8,
+                    Hk=2,
+                    Nq=385,
+                    Nk=100,
+                    causal=True,
+                    dtype=fp,
+                ),
+                dict(
+                    name="hd64 v3-edge mqa fp16 w(0,0)",
+                    Hq=2,
+                    Hk=1,
+                    Nq=576,
+                    Nk=576,
+                    window=(0, 0),
+                    dtype=fp,
+                ),
+                dict(name="hd64 v3-edge window(5,60) Nq=191", Nq=191, Nk=900, window=(5, 60)),
+                dict(
+                    name="hd64 v3-edge varlen causal",
+                    Hk=2,
+                    varlen=([192, 0, 193, 1, 383], [192, 50, 1, 1, 384]),
+                    causal=True,
+                ),
+                dict(name="hd64 v3-edge 4k causal gqa", Hq=4, Hk=1, Nq=4096, Nk=4096, causal=True),
             ]
         out += [dict(c, D=d) for c in base]
     for d, dv in ((64, 64), (96, 96), (192, 192), (192, 128), (256, 256)):
@@ -500,8 +551,14 @@ def main() -> int:
     ap.add_argument(
         "--bwd-variants",
         default=None,
-        help="comma list of LONGFLASH_CUDA_BWD values (v2,v3,v5): every case runs once per "
+        help="comma list of LONGFLASH_CUDA_BWD values (v2,v3,v5,v6): every case runs once per "
         "variant, its name suffixed [variant]; unset: whatever the environment selects",
+    )
+    ap.add_argument(
+        "--fwd-variants",
+        default=None,
+        help="comma list of LONGFLASH_CUDA_FWD values (default,v3,v3-no-pingpong,v3-emu), run "
+        "after any --bwd-variants, names suffixed [fwd=variant]; v3 variants: hd64 cases only",
     )
     args = ap.parse_args()
     lib, why = _lib.load()
@@ -513,6 +570,7 @@ def main() -> int:
         "build": lib.lf_build_config().decode() if lib else why,
         "phase": args.phase,
         "bwd_variants": args.bwd_variants,
+        "fwd_variants": args.fwd_variants,
         "cases": [],
     }
 
@@ -531,20 +589,35 @@ def main() -> int:
     elif args.phase != "bench":
         compiled = _lib.compiled_head_dims(lib)
         variants = args.bwd_variants.split(",") if args.bwd_variants else [None]
+        if args.fwd_variants:
+            fwd = [f"fwd={v}" for v in args.fwd_variants.split(",")]
+            variants = fwd if variants == [None] else variants + fwd
         faulted = False
         for var in variants:
             if faulted:
                 break
             if var is not None:
-                # Read by the library on every call, so one process checks every variant.
-                os.environ["LONGFLASH_CUDA_BWD"] = var
+                # Read by the library on every call, so one process checks every variant; a
+                # forward variant runs with the default backward and vice versa.
+                os.environ.pop("LONGFLASH_CUDA_FWD", None)
+                if var.startswith("fwd="):
+                    os.environ.pop("LONGFLASH_CUDA_BWD", None)
+                    if var != "fwd=default":
+                        os.environ["LONGFLASH_CUDA_FWD"] = var[4:]
+                else:
+                    os.environ["LONGFLASH_CUDA_BWD"] = var
+            fwd_v3 = var in ("fwd=v3", "fwd=v3-no-pingpong", "fwd=v3-emu")
             for c in cases(args.quick, compiled):
                 if args.only and args.only not in c["name"]:
                     continue
+                if fwd_v3 and c.get("D") != 64:
+                    continue  # v3 is an hd64 kernel; elsewhere the library runs the default
                 if args.phase == "fwd":
                     c = dict(c, check_bwd=False)
-                    if c.get("varlen") or c.get("deterministic"):
-                        continue  # these run forward and backward together in the bwd phase
+                    # These run forward and backward together in the bwd phase; a forward
+                    # variant keeps varlen here (checked with the default backward on its output).
+                    if (c.get("varlen") and not fwd_v3) or c.get("deterministic"):
+                        continue
                 if var is not None:
                     c = dict(c, name=f"{c['name']} [{var}]")
                 dog.arm(c["name"])

@@ -276,7 +276,21 @@ int bwd_version() {
   if (std::strcmp(e, "v5") == 0 || std::strcmp(e, "5") == 0) return 5;
   if (std::strcmp(e, "timing-v5-no-dq-add") == 0) return kBwdTimingV5NoDqAdd;
   if (std::strcmp(e, "timing-v5-no-reduce") == 0) return kBwdTimingV5NoReduce;
+  // hd256 only (bwd_d256.cuh); every other shape asked for with it runs v2.
+  if (std::strcmp(e, "v6") == 0 || std::strcmp(e, "6") == 0) return kBwdV6;
   return 5;
+}
+
+// Forward variant from LONGFLASH_CUDA_FWD ("v3", or "v3-no-pingpong" / "v3-emu" for A/B timing;
+// unset or anything else: the default). Read on every call like LONGFLASH_CUDA_BWD. v3 exists at hd64
+// only; other head dims run the default whatever this says.
+int fwd_version() {
+  char const* e = std::getenv("LONGFLASH_CUDA_FWD");
+  if (e == nullptr || *e == '\0') return kFwdDefault;
+  if (std::strcmp(e, "v3") == 0 || std::strcmp(e, "3") == 0) return kFwdV3;
+  if (std::strcmp(e, "v3-no-pingpong") == 0) return kFwdV3NoPingPong;
+  if (std::strcmp(e, "v3-emu") == 0) return kFwdV3ExpEmu;
+  return kFwdDefault;
 }
 
 BwdWorkspace bwd_workspace(lf_attention_params const& p) {
@@ -388,6 +402,7 @@ lf_status lf_attention_forward(const lf_attention_params* params, lf_tensor q, l
     return fail(LF_ERROR_INVALID_ARGUMENT, "lse must be 4-byte aligned");
   }
   a.lse = lse;
+  a.fwd_version = fwd_version();
   if (p.batch == 0 || tokens_q(p) == 0) return ok();
   if ((st = check_device()) != LF_SUCCESS) return st;
   cudaStream_t const s = static_cast<cudaStream_t>(stream);

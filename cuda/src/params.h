@@ -38,7 +38,17 @@ struct FwdArgs {
   AttnShape s;
   TensorRef q, k, v, o;
   float* lse;  // may be nullptr
+  // kFwdDefault: 128-query CTAs, two consumer warpgroups (every head dim). kFwdV3 (hd64 only,
+  // else the default): 192-query CTAs, three consumer warpgroups with ping-pong GEMM issue;
+  // kFwdV3NoPingPong: the same without the turn-taking; kFwdV3ExpEmu: v3 with 3/16 of the softmax
+  // exponentials on the FMA pipe (both for A/B timing).
+  int fwd_version;
 };
+
+constexpr int kFwdDefault = 2;
+constexpr int kFwdV3 = 3;
+constexpr int kFwdV3NoPingPong = -3;
+constexpr int kFwdV3ExpEmu = 4;
 
 // Workspace layout of the backward (offsets in bytes from the workspace base; 256-aligned).
 struct BwdWorkspace {
@@ -57,7 +67,7 @@ struct BwdArgs {
   BwdWorkspace ws;
   // 2 = 64-key blocks, dQ by per-thread REDs; 3 = the same with smem staging + TMA bulk reduce;
   // 5 = 128-key blocks, one warpgroup per 64 keys, dQ reduces by writer warps (bwd_v5.cuh; hd64
-  // and hd128, else v2; the default).
+  // and hd128, else v2; the default); kBwdV6 = hd256 kernel of bwd_d256.cuh (opt-in, else v2).
   int bwd_version;
 };
 
@@ -68,6 +78,8 @@ constexpr int kBwdTimingNoDqAdd = -1;
 // reduces, or with the staging and the hand-over to the writer warp but no reduce (dQ wrong).
 constexpr int kBwdTimingV5NoDqAdd = -5;
 constexpr int kBwdTimingV5NoReduce = -6;
+// LONGFLASH_CUDA_BWD=v6: the hd256 backward of bwd_d256.cuh (not yet run on a GPU; opt-in only).
+constexpr int kBwdV6 = 6;
 
 // Kernel entry points, one explicit instantiation per (dtype, Dqk, Dv) in generated units. The dtype
 // is a bool so that this header (and api.cpp) need no CUTLASS types.

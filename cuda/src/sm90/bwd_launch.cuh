@@ -1,9 +1,10 @@
 // Host side of the sm90 backward: TMA descriptors and the launch of the main kernel (one CTA per
-// (key block, kv head, sequence)), v2/v3 (64-key blocks) or v5 (128-key blocks, hd64 and hd128).
-// The preprocess/postprocess kernels live in aux_kernels.cu. Target: sm_90a.
+// (key block, kv head, sequence)): v2/v3 (64 keys), v5 (128 keys, hd64/hd128), v6 (64 keys, hd256,
+// opt-in). The preprocess/postprocess kernels live in aux_kernels.cu. Target: sm_90a.
 #pragma once
 
 #include "bwd.cuh"
+#include "bwd_d256.cuh"
 #include "bwd_v5.cuh"
 #include "launch_common.cuh"
 
@@ -67,10 +68,53 @@ cudaError_t launch_bwd_v5(BwdArgs const& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// v6 (hd256, bwd_d256.cuh) only when asked for by name, outside the deterministic mode.
+template <typename Element>
+cudaError_t launch_bwd_d256(BwdArgs const& a, cudaStream_t stream) {
+  using K = BwdKernelD256<Element>;
+  AttnShape const& s = a.s;
+  typename K::Params const p{
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Element>(a.q, s.rows_q, 256, s.heads_q, s.tma_batch),
+                    take<0, 2>(typename K::SmemLayoutQ{}), Shape<Int<K::kBlockM>, _256>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Element>(a.k, s.rows_k, 256, s.heads_k, s.tma_batch),
+                    typename K::SmemLayoutK{}, Shape<Int<K::kBlockN>, _256>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Element>(a.v, s.rows_k, 256, s.heads_k, s.tma_batch),
+                    typename K::SmemLayoutK{}, Shape<Int<K::kBlockN>, _256>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{},
+                    gmem_view<Element>(a.dout, s.rows_q, 256, s.heads_q, s.tma_batch),
+                    take<0, 2>(typename K::SmemLayoutQ{}), Shape<Int<K::kBlockM>, _256>{}, _1{}),
+      s,
+      static_cast<Element*>(a.dk.ptr),
+      a.dk.batch_stride,
+      a.dk.seq_stride,
+      a.dk.head_stride,
+      static_cast<Element*>(a.dv.ptr),
+      a.dv.batch_stride,
+      a.dv.seq_stride,
+      a.dv.head_stride,
+      reinterpret_cast<float*>(a.workspace + a.ws.dq_accum),
+      reinterpret_cast<float const*>(a.workspace + a.ws.lse_log2),
+      reinterpret_cast<float const*>(a.workspace + a.ws.dpsum),
+      (s.softcap > 0.f ? 1.f : s.scale) * kLog2e,
+      s.softcap,
+      s.softcap > 0.f ? s.scale / s.softcap : 0.f,
+  };
+  auto kernel = bwd_kernel_d256<K>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         K::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  dim3 grid((s.seqlen_k + K::kBlockN - 1) / K::kBlockN, s.heads_k, s.batch);
+  kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <typename Element, int kDqk, int kDv>
 cudaError_t launch_bwd(BwdArgs const& a, cudaStream_t stream) {
   if constexpr (kBwdV5Supported<kDqk, kDv>) {
     if (bwd_v5_applies<Element, kDqk, kDv>(a)) return launch_bwd_v5<Element, kDqk, kDv>(a, stream);
+  }
+  if constexpr (kBwdD256Supported<kDqk, kDv>) {
+    if (a.bwd_version == kBwdV6 && !a.s.deterministic) return launch_bwd_d256<Element>(a, stream);
   }
   using K = BwdKernel<Element, kDqk, kDv>;
   AttnShape const& s = a.s;

@@ -1,6 +1,6 @@
 // Forward attention: out = softmax(mask(softcap(scale·Q·Kᵀ)))·V, lse = log-sum-exp of each query row.
-// Tile 128 queries × kBlockN keys; Q read once per CTA, K/V (2-stage TMA ring) once per 128-query block.
-// Target sm_90a: TMA, wgmma, producer WG + 2 consumer WGs (setmaxnreg 24/240), softmax overlapped with P·V.
+// Tile 64·kConsumerWGs queries × kBlockN keys; Q read once per CTA, K/V (kStages TMA ring) once per query block.
+// Target sm_90a: TMA, wgmma, producer WG + 2 (default) or 3 (hd64 v3) consumer WGs, softmax overlapped with P·V.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -11,19 +11,54 @@
 
 namespace longflash::sm90 {
 
-template <typename Element_, int kDqk_, int kDv_>
-struct FwdKernel {
+// 2^x for x <= 0 on the FMA and integer pipes instead of MUFU.EX2 (16/clk/SM, which at hd64 is
+// as busy as the tensor cores). x = j + f with j = round(x), |f| <= 1/2; 2^f by a cubic fitted
+// for the least maximum relative error (1.0e-4, below bf16/fp16 rounding of P); j is added to the
+// exponent field. The constant term 1 makes 2^0 exact and, with x clamped at -127, gives exactly
+// +0 for -127 and -inf (masked scores), so rows that see nothing still get out 0.
+__device__ __forceinline__ float exp2_fma(float x) {
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: x + kRound holds round(x) in its low bits
+  x = fmaxf(x, -127.f);
+  float const t = __fadd_rn(x, kRound);
+  float const f = __fsub_rn(x, __fsub_rn(t, kRound));
+  float p = __fmaf_rn(0.05500843f, f, 0.24220999f);
+  p = __fmaf_rn(p, f, 0.69328287f);
+  p = __fmaf_rn(p, f, 1.f);
+  // (bits(t) << 23) == round(x) << 23: the 1.5 * 2^23 part shifts out of the word.
+  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
+}
+
+// kConsumerWGs_ = 2 is the default forward at every head dim (FwdKernel below). 3 is the hd64 v3
+// variant (FwdKernelV3): 192 queries per CTA, so each K/V tile feeds three softmax chains and the
+// exp unit (as busy as the tensor cores at hd64) has three warpgroups' worth of GEMMs to hide
+// behind; kPingPong_ orders the warpgroups' GEMM issue round-robin with named barriers so that one
+// warpgroup's GEMMs run while the others do their softmax.
+// kExpEmu_: 3 of every 16 exponentials of the softmax go to exp2_fma (FMA pipe) so that the
+// MUFU pipe's time per tile drops below the tensor cores' (v3-emu, an A/B variant).
+template <typename Element_, int kDqk_, int kDv_, int kConsumerWGs_ = 2, int kStages_ = 2,
+          bool kPingPong_ = false, bool kExpEmu_ = false>
+struct FwdKernelBase {
   using Element = Element_;
   static constexpr int kDqk = kDqk_;
   static constexpr int kDv = kDv_;
-  static constexpr int kBlockM = 128;
+  static constexpr int kConsumerWGs = kConsumerWGs_;
+  static constexpr int kBlockM = 64 * kConsumerWGs;
   // Largest key block whose K/V ring (2 stages) plus the Q tile fits in 227 KB of shared memory
   // and whose S accumulator (64 x kBlockN fp32 per warpgroup) leaves room for O in 240 registers.
+  // With three consumers (160 registers each) S(64x128) + P + O(64x64) is the most that fits.
   static constexpr int kBlockN = kDqk <= 128 ? 128 : (kDqk <= 192 ? 96 : 64);
-  static constexpr int kStages = 2;
-  static constexpr int kConsumerWGs = 2;
+  static constexpr int kStages = kStages_;
+  static constexpr bool kPingPong = kPingPong_;
+  static constexpr bool kExpEmu = kExpEmu_;
   static constexpr int kThreads = 128 * (kConsumerWGs + 1);
   static constexpr int kConsumerThreads = 128 * kConsumerWGs;
+  // setmaxnreg within the 64K-register file: 128x24 + 256x240 (default) or 128x24 + 384x160.
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = kConsumerWGs == 2 ? 240 : 160;
+  static_assert(kConsumerWGs == 2 || (kConsumerWGs == 3 && kDqk <= 64 && kDv <= 64),
+                "three consumer warpgroups only fit 160 registers at hd64");
+  static_assert(!kPingPong || kConsumerWGs >= 2);
+  static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= 65536);
 
   using AtomLayout = Layout<Shape<Int<kConsumerWGs>, _1, _1>>;
   using TiledMmaQK = decltype(make_tiled_mma(
@@ -117,10 +152,10 @@ struct FwdKernel {
     __syncthreads();
 
     if (wg == 0) {
-      cutlass::arch::warpgroup_reg_dealloc<24>();
+      cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
       if (threadIdx.x == 0 && n_lo <= n_hi) produce(p, ss, seq, m_block, h, n_lo, n_hi);
     } else {
-      cutlass::arch::warpgroup_reg_alloc<240>();
+      cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
       consume(p, ss, seq, band, m_block, h, n_lo, n_hi);
     }
   }
@@ -163,6 +198,80 @@ struct FwdKernel {
       copy(p.tma_v.with(ss.v_full[st.index]), tVg(_, n), tVs(_, st.index));
       st.advance();
     }
+  }
+
+  // The consumer main loop of the ping-pong variant: the default loop's schedule (QKᵀ(n) issued
+  // with P·V(n+1), softmax(n) under P·V), with each warpgroup's GEMM issue taking a turn. Named
+  // barrier 1 + w gates warpgroup w; it completes when w (128 threads) syncs on it and w's
+  // predecessor (128 threads) has arrived, so GEMM batches reach the tensor cores in
+  // round-robin order and each warpgroup's softmax runs under the others' GEMMs. All consumers
+  // walk the same key blocks, so each issues the same number of batches: the first consumer's
+  // first turn is a free arrival, and the last consumer skips its final arrival (nobody waits for
+  // it), which leaves every barrier balanced at exit.
+  template <class MmaQK, class MmaPV, class TQ, class TK, class TV, class TS, class TO, class ORc,
+            class Softmax>
+  static __device__ __forceinline__ void mainloop_pingpong(SharedStorage& ss, int n_lo, int n_hi,
+                                                           int wgc, MmaQK& mma_qk, MmaPV& mma_pv,
+                                                           TQ const& tSrQ, TK const& tSrK,
+                                                           TV const& tOrV, TS& tSrS, TO& tOrO,
+                                                           ORc& O_rc, Softmax& softmax_step) {
+    constexpr int kRows = decltype(size<0>(O_rc))::value;
+    constexpr int kTurnThreads = 2 * 128;
+    int const my_turn = 1 + wgc;
+    int const next_turn = 1 + (wgc + 1 == kConsumerWGs ? 0 : wgc + 1);
+    if (wgc == 0) named_arrive(my_turn, kTurnThreads);
+    TxBarrier::wait(&ss.bar_q, 0);
+    RingState<kStages> st_k, st_v;
+    float corr[kRows];
+    Tensor rP = make_tensor<Element>(tSrS.layout());
+    Tensor tOrP = make_tensor(rP.data(), acc_as_A(rP.layout()));
+
+    Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
+    named_sync(my_turn, kTurnThreads);
+    wg_gemm<true, -1, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
+    named_arrive(next_turn, kTurnThreads);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tSrS);
+    Barrier::arrive(&ss.k_empty[st_k.index]);
+    st_k.advance();
+    softmax_step(n_hi, corr);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<Element>(tSrS(i));
+
+    for (int n = n_hi - 1; n >= n_lo; --n) {
+      // Wait for the data before taking the turn, so a late tile never holds up the others.
+      Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
+      Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
+      named_sync(my_turn, kTurnThreads);
+      wg_gemm<true, -1, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
+      wg_gemm<false, -1, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
+      named_arrive(next_turn, kTurnThreads);
+      warpgroup_wait<1>();  // QKᵀ of block n is done (batches complete in issue order)
+      warpgroup_fence_operand(tSrS);
+      Barrier::arrive(&ss.k_empty[st_k.index]);
+      st_k.advance();
+      softmax_step(n, corr);
+      warpgroup_wait<0>();  // P·V of the previous block is done: O and P are free again
+      warpgroup_fence_operand(tOrO);
+      warpgroup_fence_operand(rP);
+      Barrier::arrive(&ss.v_empty[st_v.index]);
+      st_v.advance();
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= corr[r];
+      }
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<Element>(tSrS(i));
+    }
+    Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
+    named_sync(my_turn, kTurnThreads);
+    wg_gemm<false, -1, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
+    if (wgc + 1 != kConsumerWGs) named_arrive(next_turn, kTurnThreads);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+    warpgroup_fence_operand(rP);
+    Barrier::arrive(&ss.v_empty[st_v.index]);
   }
 
   static __device__ __forceinline__ void consume(Params const& p, SharedStorage& ss,
@@ -211,7 +320,16 @@ struct FwdKernel {
           tSrS(i) = p.softcap * tanh_fast(tSrS(i) * p.softcap_scale);
         }
       }
-      if (!band.tile_is_full(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1)) {
+      bool full;
+      if constexpr (kConsumerWGs == 2) {
+        full = band.tile_is_full(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
+      } else {
+        // Each warpgroup asks about its own 64 rows: with 192-row blocks the causal diagonal
+        // crosses ~2.5 key tiles per block, and only one warpgroup's rows meet each edge.
+        int const r0 = i0 + 64 * (tid / 128);
+        full = band.tile_is_full(r0, r0 + 63, j0, j0 + kBlockN - 1);
+      }
+      if (!full) {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(tSrS); ++i) {
           if (!band.visible(i0 + get<0>(cS(i)), j0 + get<1>(cS(i)))) tSrS(i) = -INFINITY;
@@ -229,17 +347,30 @@ struct FwdKernel {
         corr[r] = exp2f(row_max[r] * scale_log2 - mx_scaled);
         row_max[r] = mx;
         float sum = 0.f;
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < size<1>(S_rc); ++c) {
-          float const e = exp2f(S_rc(r, c) * scale_log2 - mx_scaled);
-          S_rc(r, c) = e;
-          sum += e;
+        if constexpr (kExpEmu) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < size<1>(S_rc); ++c) {
+            float const x = S_rc(r, c) * scale_log2 - mx_scaled;
+            float const e = c % 16 >= 13 ? exp2_fma(x) : exp2f(x);
+            S_rc(r, c) = e;
+            sum += e;
+          }
+        } else {
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < size<1>(S_rc); ++c) {
+            float const e = exp2f(S_rc(r, c) * scale_log2 - mx_scaled);
+            S_rc(r, c) = e;
+            sum += e;
+          }
         }
         row_sum[r] = row_sum[r] * corr[r] + sum;
       }
     };
 
-    if (n_lo <= n_hi) {
+    if constexpr (kPingPong) {
+      if (n_lo <= n_hi) mainloop_pingpong(ss, n_lo, n_hi, tid / 128, mma_qk, mma_pv, tSrQ, tSrK,
+                                          tOrV, tSrS, tOrO, O_rc, softmax_step);
+    } else if (n_lo <= n_hi) {
       TxBarrier::wait(&ss.bar_q, 0);
       // K and V walk the same ring; V lags K by one block, since P·V of block n is issued
       // together with QKᵀ of the next block and softmax(next) runs while both are in flight.
@@ -320,6 +451,18 @@ struct FwdKernel {
     }
   }
 };
+
+// The default forward at every head dim. A class of its own (not an alias) so that the kernel
+// symbols and code of the default path stay those of the 2-consumer kernel it always was.
+template <typename Element, int kDqk, int kDv>
+struct FwdKernel : FwdKernelBase<Element, kDqk, kDv> {};
+
+// LONGFLASH_CUDA_FWD=v3 at hd64: 192 queries per CTA (three consumer warpgroups, 24/160
+// registers), a 4-stage K/V ring (4 x 2 x 16 KiB + 24 KiB Q = 152 KiB), ping-pong issue order
+// (kPingPong false: the same without the turn-taking, for A/B timing).
+// kExpEmu: the same with part of the exponentials on the FMA pipe (exp2_fma).
+template <typename Element, int kDqk, int kDv, bool kPingPong, bool kExpEmu = false>
+struct FwdKernelV3 : FwdKernelBase<Element, kDqk, kDv, 3, 4, kPingPong, kExpEmu> {};
 
 template <class Kernel>
 __global__ void __launch_bounds__(Kernel::kThreads, 1)

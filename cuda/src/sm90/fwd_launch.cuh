@@ -1,6 +1,6 @@
-// Host side of the sm90 forward: builds the TMA descriptors and launches one CTA per
-// (query block, head, sequence). Included only by the generated instantiation units.
-// Target: sm_90a.
+// Host side of the sm90 forward: builds the TMA descriptors and launches one CTA per (query
+// block, head, sequence), with the hd64 v3 kernels when FwdArgs::fwd_version asks for them.
+// Included only by the generated instantiation units. Target: sm_90a.
 #pragma once
 
 #include "fwd.cuh"
@@ -8,9 +8,11 @@
 
 namespace longflash::sm90 {
 
-template <typename Element, int kDqk, int kDv>
-cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
-  using K = FwdKernel<Element, kDqk, kDv>;
+template <class K>
+cudaError_t launch_fwd_kernel(FwdArgs const& a, cudaStream_t stream) {
+  using Element = typename K::Element;
+  constexpr int kDqk = K::kDqk;
+  constexpr int kDv = K::kDv;
   AttnShape const& s = a.s;
   typename K::Params p{
       make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Element>(a.q, s.rows_q, kDqk, s.heads_q, s.tma_batch),
@@ -38,6 +40,22 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
   dim3 grid((s.seqlen_q + K::kBlockM - 1) / K::kBlockM, s.heads_q, s.batch);
   kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename Element, int kDqk, int kDv>
+cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
+  if constexpr (kDqk == 64 && kDv == 64) {
+    if (a.fwd_version == kFwdV3) {
+      return launch_fwd_kernel<FwdKernelV3<Element, kDqk, kDv, true>>(a, stream);
+    }
+    if (a.fwd_version == kFwdV3ExpEmu) {
+      return launch_fwd_kernel<FwdKernelV3<Element, kDqk, kDv, true, true>>(a, stream);
+    }
+    if (a.fwd_version == kFwdV3NoPingPong) {
+      return launch_fwd_kernel<FwdKernelV3<Element, kDqk, kDv, false>>(a, stream);
+    }
+  }
+  return launch_fwd_kernel<FwdKernel<Element, kDqk, kDv>>(a, stream);
 }
 
 }  // namespace longflash::sm90

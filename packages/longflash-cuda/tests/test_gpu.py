@@ -102,8 +102,12 @@ def test_cuda_graph_and_compile():
     assert torch.equal(captured, eager.detach())
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3", "v5"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize(
+    "variant,d",
+    # Each variant at the head dims where it is its own kernel (v5: hd64/hd128, v6: hd256); v2
+    # at hd256 too, as v6's reference path.
+    [(v, d) for v in ("v2", "v3", "v5") for d in (64, 128)] + [("v2", 256), ("v6", 256)],
+)
 @pytest.mark.parametrize(
     "nq,nk,hq,hk,causal,window",
     [
@@ -115,8 +119,8 @@ def test_cuda_graph_and_compile():
     ],
 )
 def test_backward_variants_match_float64(monkeypatch, variant, d, nq, nk, hq, hk, causal, window):
-    """Every LONGFLASH_CUDA_BWD variant (v5: 128-key blocks, hd64 and hd128) against float64
-    autograd, with NaN-poisoned memory under the outputs so an unwritten element fails."""
+    """Every LONGFLASH_CUDA_BWD variant (v5: 128-key blocks, hd64 and hd128; v6: hd256) against
+    float64 autograd, with NaN-poisoned memory under the outputs so an unwritten element fails."""
     from longflash.frontends import torch as lft
     from longflash_cuda import _lib, _torch
 
@@ -152,3 +156,111 @@ def test_backward_variants_match_float64(monkeypatch, variant, d, nq, nk, hq, hk
     for got, want in zip(grads, (qd.grad, kd.grad, vd.grad)):
         assert not torch.isnan(got).any()
         assert _rel(got, want) < 3e-2
+
+
+def _fwd_ref64(q, k, v, scale, window, softcap):
+    """float64 forward on one dense (B, N, H, D) problem: (out, natural-log lse (B, H, Nq))."""
+    qd, kd, vd = (x.double() for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    s = torch.einsum("bqhd,bkhd->bhqk", qd, kd.repeat_interleave(g, 2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    nq, nk = q.shape[1], k.shape[1]
+    i = torch.arange(nq, device=q.device)[:, None]
+    j = torch.arange(nk, device=q.device)[None, :]
+    vis = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+    if window is not None:
+        left, right = window
+        if right is not None:
+            vis &= j - i <= nk - nq + right
+        if left is not None:
+            vis &= j - i >= nk - nq - left
+    s = s.masked_fill(~vis, -math.inf)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, vd.repeat_interleave(g, 2)), lse
+
+
+@pytest.mark.parametrize("variant", ["v3", "v3-no-pingpong", "v3-emu"])
+@pytest.mark.parametrize(
+    "dtype,b,nq,nk,hq,hk,causal,window,softcap,varlen",
+    [
+        ("bf16", 2, 300, 300, 4, 4, False, None, None, None),
+        ("fp16", 1, 1000, 1000, 2, 2, False, None, None, None),
+        # 192-query blocks: one past a block, exactly one, one short; bottom-right causal both ways
+        # (Nq > Nk leaves rows with no key: out 0, lse -inf)
+        ("bf16", 1, 193, 450, 4, 4, True, None, None, None),
+        ("bf16", 1, 192, 192, 4, 2, True, None, None, None),
+        ("fp16", 1, 385, 100, 8, 2, True, None, None, None),
+        # narrow bands: whole warpgroups of a block see nothing in a key tile
+        ("bf16", 1, 700, 700, 2, 2, False, (10, 10), None, None),
+        ("fp16", 1, 576, 576, 2, 1, False, (0, 0), None, None),
+        ("bf16", 1, 300, 700, 4, 1, False, (100, None), None, None),  # MQA, left-only window
+        ("bf16", 1, 256, 256, 4, 2, True, None, 30.0, None),
+        ("fp16", 1, 320, 700, 4, 2, False, None, 20.0, None),
+        ("bf16", 1, 2048, 2048, 8, 2, True, None, None, None),  # the 4-stage ring wraps 4 times
+        # varlen: empty, one-token and 192-edge sequences; causal, windowed + softcapped
+        ("bf16", 1, 0, 0, 4, 2, True, None, None, ([192, 0, 193, 1, 383], [192, 50, 1, 1, 384])),
+        ("fp16", 1, 0, 0, 4, 4, False, (90, 20), 15.0, ([129, 7, 300], [260, 7, 128])),
+    ],
+)
+def test_forward_v3_hd64_matches_float64(
+    monkeypatch, variant, dtype, b, nq, nk, hq, hk, causal, window, softcap, varlen
+):
+    """LONGFLASH_CUDA_FWD=v3 (hd64: 192-query CTAs, three consumer warpgroups) against float64,
+    out and lse, with NaN-poisoned memory under the outputs so an unwritten element fails."""
+    from longflash.frontends import torch as lft
+    from longflash_cuda import _lib, _torch
+
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float16
+    key = "bfloat16" if dtype == "bf16" else "float16"
+    if (64, 64) not in _lib.compiled_head_dims(_lib.load()[0])[key]:
+        pytest.skip(f"hd64 {key} is not in this build")
+    monkeypatch.setenv("LONGFLASH_CUDA_FWD", variant)
+    torch.manual_seed(0)
+    kw = dict(causal=causal, window=window, softcap=softcap)
+    if varlen is None:
+        q = torch.randn(b, nq, hq, 64, device="cuda", dtype=dt)
+        k = torch.randn(b, nk, hk, 64, device="cuda", dtype=dt)
+        v = torch.randn(b, nk, hk, 64, device="cuda", dtype=dt)
+        call = lft.make_call(q, k, v, **kw)
+    else:
+        lq, lk = varlen
+        cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32)
+        cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32)
+        cu_q, cu_k = cu_q.cuda(), cu_k.cuda()
+        q = torch.randn(sum(lq), hq, 64, device="cuda", dtype=dt)
+        k = torch.randn(sum(lk), hk, 64, device="cuda", dtype=dt)
+        v = torch.randn(sum(lk), hk, 64, device="cuda", dtype=dt)
+        call = lft.make_call(
+            q,
+            k,
+            v,
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+            max_seqlen_q=max(lq),
+            max_seqlen_k=max(lk),
+            **kw,
+        )
+    poison = torch.full((1 << 26,), float("nan"), device="cuda")
+    del poison
+    out, lse = _torch.forward(call, q, k, v)
+    torch.cuda.synchronize()
+    if varlen is None:
+        ref, ref_lse = _fwd_ref64(q, k, v, call.scale, call.window, softcap)
+    else:
+        ref = torch.zeros_like(out, dtype=torch.float64)
+        ref_lse = torch.full_like(lse, -math.inf, dtype=torch.float64)
+        for i in range(len(lq)):
+            qs, qe, ks, ke = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+            if qe > qs and ke > ks:
+                o, l_ = _fwd_ref64(
+                    q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], call.scale, call.window, softcap
+                )
+                ref[qs:qe], ref_lse[:, qs:qe] = o[0], l_[0]
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert _rel(out, ref) < (2e-2 if dtype == "bf16" else 5e-3)
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty)
+    assert (out.transpose(-3, -2)[empty] == 0).all()  # rows that see no key: out exactly 0
+    assert (lse.double()[~empty] - ref_lse[~empty]).abs().max().item() < 1e-2

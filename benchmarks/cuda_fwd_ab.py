@@ -1,0 +1,126 @@
+"""A/B timing of the cuda backend's forward variants (LONGFLASH_CUDA_FWD) in one process, next
+to SDPA flash (FA2) and cuDNN, bf16, causal and not, at the `longflash bench` grid's shapes
+(B = 16K / N, H = 2048 / D).
+
+The variant is read by the library on every call, so one process times them all on the same
+inputs. `v3` (192-query CTAs, three consumer warpgroups, ping-pong GEMM issue), `v3-no-pingpong`
+and `v3-emu` (v3 with 3/16 of the exponentials on the FMA pipe) exist at hd64 only; at other
+head dims the library runs the default for them, so their rows there measure nothing but
+run-to-run noise (a check that hd128 is unaffected).
+Each variant's out and lse are compared with the first variant's, and out with SDPA flash's.
+
+    LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so \
+    PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src \
+        python benchmarks/cuda_fwd_ab.py --out ab.json [--variants default,v3,v3-emu] \
+            [--seqlens 1024,4096,16384] [--dims 64,128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from longflash.frontends import torch as lft
+from longflash_cuda import _torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cuda_check import bench, rel  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="cuda_fwd_ab.json")
+    ap.add_argument("--variants", default="default,v3,v3-no-pingpong,v3-emu")
+    ap.add_argument("--seqlens", default="1024,4096,16384")
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--tokens", type=int, default=16384, help="B·N (the bench grid's 16K)")
+    ap.add_argument("--width", type=int, default=2048, help="H·D (the bench grid's 2048)")
+    args = ap.parse_args()
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name()}
+    rows: list[dict] = []
+    variants = args.variants.split(",")
+    for d in (int(x) for x in args.dims.split(",")):
+        for n in (int(x) for x in args.seqlens.split(",")):
+            rows += measure(max(1, args.tokens // n), n, args.width // d, d, variants)
+            report["timings"] = rows
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+    names = [*variants, "flash", "cudnn"]
+    print("\nfwd TFLOP/s (ms)  N  D  causal | " + " | ".join(names) + " | best/flash")
+    for r in rows:
+        cells = []
+        for v in names:
+            t = r.get(f"{v}_fwd_ms")
+            cells.append(f"{r[f'{v}_fwd_tflops']:.0f} ({t:.3f})" if t else "-")
+        ours = [r[f"{v}_fwd_tflops"] for v in variants if f"{v}_fwd_tflops" in r]
+        ratio = f"{max(ours) / r['flash_fwd_tflops']:.2f}" if "flash_fwd_tflops" in r else "-"
+        head = f"{r['N']:>6} {r['D']:>4} {str(r['causal']):>5} | "
+        print(head + " | ".join(cells) + f" | {ratio}")
+    return 0
+
+
+def measure(b: int, n: int, h: int, d: int, variants: list[str]) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    q = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn_like(q)
+    v = torch.randn_like(q)
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    rows = []
+    for causal in (False, True):
+        flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
+        call = lft.make_call(q, k, v, causal=causal)
+        row = {"causal": causal, "B": b, "N": n, "H": h, "D": d}
+        ref = None
+        for var in variants:
+            if var == "default":
+                os.environ.pop("LONGFLASH_CUDA_FWD", None)
+            else:
+                os.environ["LONGFLASH_CUDA_FWD"] = var
+            out, lse = _torch.forward(call, q, k, v)
+            torch.cuda.synchronize()
+            if ref is None:
+                ref = (out.clone(), lse.clone())
+            else:
+                row[f"{var}_out_rel_vs_{variants[0]}"] = rel(out, ref[0])
+                row[f"{var}_lse_maxabs_vs_{variants[0]}"] = (lse - ref[1]).abs().max().item()
+            t = bench(partial(_torch.forward, call, q, k, v))
+            row[f"{var}_fwd_ms"] = t
+            row[f"{var}_fwd_tflops"] = flops / t / 1e9
+            print(var, n, d, "causal" if causal else "dense", f"{t:.3f} ms", flush=True)
+            del out, lse
+        os.environ.pop("LONGFLASH_CUDA_FWD", None)
+        for name, be in (
+            ("flash", SDPBackend.FLASH_ATTENTION),
+            ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ):
+            try:
+                with sdpa_kernel(be):
+                    fn = partial(F.scaled_dot_product_attention, qt, kt, vt, is_causal=causal)
+                    o = fn()
+                    if name == "flash":
+                        row[f"{variants[0]}_out_rel_vs_flash"] = rel(ref[0], o.transpose(1, 2))
+                    del o
+                    t = bench(fn)
+                    row[f"{name}_fwd_ms"] = t
+                    row[f"{name}_fwd_tflops"] = flops / t / 1e9
+                    print(name, n, d, "causal" if causal else "dense", f"{t:.3f} ms", flush=True)
+            except Exception as exc:  # a peer missing on this machine is reported, not fatal
+                row[f"{name}_error"] = repr(exc)
+        rows.append(row)
+        del ref
+    del q, k, v, qt, kt, vt
+    torch.cuda.empty_cache()
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,511 @@
+// Backward attention v6 at head dim 256: dV = Pᵀ·dO, dK = scale·dSᵀ·Q per 64-key block, dQ += dS·K.
+// Tile 64 keys × 64 queries; K/V once per CTA, Q/dO/lse/dpsum 2-stage ring; P, dS through smem,
+// dK/dV/dQ split by head-dim halves over two consumer warpgroups, dQ by fp32 REDs.
+// Target sm_90a (wgmma SS, TMA, setmaxnreg); Dqk = Dv = 256 only (launcher: else v2).
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "../params.h"
+#include "bwd.cuh"
+#include "bwd_v5.cuh"
+#include "utils.cuh"
+
+namespace longflash::sm90 {
+
+template <int kDqk, int kDv>
+inline constexpr bool kBwdD256Supported = kDqk == 256 && kDv == 256;
+
+// Why this shape (counting in benchmarks/NOTES-cuda.md, "v6 at hd256"): a warpgroup cannot own
+// 64 keys × 256 columns of both dK and dV (256 fp32 per thread), so the two consumer warpgroups
+// split dK, dV and dQ by head-dim halves (64 fp32 per thread each, 192 live at the dQ GEMM) and
+// split the K = 256 score GEMMs by operand: warpgroup 0 computes S = Q·Kᵀ and P, warpgroup 1
+// computes dP = dO·Vᵀ and dS. S is query-major (M = 64 queries), so each thread needs the lse and
+// dpsum of only 2 rows. P (bf16/fp16 for the dV GEMM, fp32 P·(1−t²) for the dS pass) and dS meet
+// both warpgroups in shared memory; every dK/dV/dQ GEMM is SS with N = 128 (96 B of operands per
+// tensor-core clock, under the 128 B/clk of smem). No room for dQ staging next to a 2-stage Q/dO
+// ring (K, V 64 KiB + Q, dO 128 KiB + P, dS 16 KiB + the fp32 handoff 16 KiB = 224 KiB), so dQ
+// leaves by `red.global.add.v2.f32` from the consumers, as in v2.
+template <typename Element_>
+struct BwdKernelD256 {
+  using Element = Element_;
+  static constexpr int kD = 256;
+  static constexpr int kHalf = kD / 2;  // head-dim columns of dK/dV/dQ owned by one warpgroup
+  static constexpr int kBlockM = 64;    // queries per step
+  static constexpr int kBlockN = 64;    // keys per CTA
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 384;
+  static constexpr int kConsumerThreads = 256;
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+  static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 168 * kThreads);
+
+  // Named barriers (0 is __syncthreads), 256 threads each.
+  static constexpr int kBarPReady = 1;   // P and P·(1−t²) of this step are in smem
+  static constexpr int kBarDsReady = 2;  // dS of this step is in smem
+  static constexpr int kBarPFree = 3;    // warpgroup 1 is done reading this step's P tiles
+  static constexpr int kBarDsFree = 4;   // warpgroup 0 is done reading this step's dS
+
+  using One = Layout<Shape<_1, _1, _1>>;
+  // S = Q·Kᵀ and dP = dO·Vᵀ: 64 queries × 64 keys, K = 256, both operands K-major.
+  using MmaSdP = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, _64, Int<kD>>>(), One{}));
+  // dV_w = Pᵀ·dO_w and dK_w = dSᵀ·Q_w: 64 keys × 128 columns, K = 64 queries. A is the transposed
+  // view of the key-contiguous P/dS tile (MN-major), B the transposed view of dO/Q (MN-major).
+  using MmaKV = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kHalf>, _64>, GMMA::Major::MN,
+                           GMMA::Major::MN>(),
+      One{}));
+  // dQ_w = dS·K_w: 64 queries × 128 columns, K = 64 keys; dS K-major, K_w viewed as Kᵀ (MN-major).
+  using MmaDQ = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kHalf>, _64>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      One{}));
+
+  using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                             Shape<Int<kBlockN>, Int<kD>>{}));
+  using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                             Shape<Int<kBlockM>, Int<kD>, Int<kStages>>{}));
+  using SmemLayoutQt = decltype(composition(
+      SmemLayoutQ{},
+      make_ordered_layout(Shape<Int<kD>, Int<kBlockM>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+  using SmemLayoutKt = decltype(composition(
+      SmemLayoutK{}, make_ordered_layout(Shape<Int<kD>, Int<kBlockN>>{}, Step<_2, _1>{})));
+  // P and dS as (queries, keys), key-contiguous: one 128-B swizzle row per query.
+  using SmemLayoutP = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                             Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  using SmemLayoutPt = decltype(composition(
+      SmemLayoutP{}, make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>>{}, Step<_2, _1>{})));
+
+  using GmemLayout = Layout<Shape<int32_t, int32_t, int32_t, int32_t>,
+                            Stride<int64_t, _1, int64_t, int64_t>>;
+  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)),
+                                          GmemLayout{}));
+  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutK{},
+                                       Shape<Int<kBlockN>, Int<kD>>{}, _1{}));
+  using TmaQdO = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutQ{}),
+                                        Shape<Int<kBlockM>, Int<kD>>{}, _1{}));
+
+  static constexpr uint32_t kBytesKV = 2 * kBlockN * kD * sizeof(Element);
+  static constexpr uint32_t kBytesQdO = 2 * kBlockM * kD * sizeof(Element);
+  static constexpr int kAccElems = kBlockM * kBlockN / 128;  // S/dP fp32 per consumer thread
+
+  struct SharedStorage {
+    cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
+    cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> v;
+    cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> dout;
+    cute::array_aligned<Element, cosize_v<SmemLayoutP>, 1024> p;
+    cute::array_aligned<Element, cosize_v<SmemLayoutP>, 1024> ds;
+    // P·(1−t²) (P without softcap) in fp32, in the accumulator's register order: warpgroup 1's
+    // dP fragment has warpgroup 0's S fragment layout, so thread t reads back what thread t wrote
+    // (float2 per lane, a warp's 256 B contiguous: no bank conflict).
+    cute::array_aligned<float, kBlockM * kBlockN, 128> g;
+    cute::array_aligned<float, kStages * kBlockM, 16> lse;
+    cute::array_aligned<float, kStages * kBlockM, 16> dpsum;
+    uint64_t kv_full;
+    uint64_t q_full[kStages];
+    uint64_t q_empty[kStages];
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
+
+  struct Params {
+    TmaQdO tma_q;
+    TmaKV tma_k;
+    TmaKV tma_v;
+    TmaQdO tma_do;
+    AttnShape s;
+    Element* dk;
+    int64_t dk_batch_stride, dk_seq_stride, dk_head_stride;
+    Element* dv;
+    int64_t dv_batch_stride, dv_seq_stride, dv_head_stride;
+    float* dq_accum;        // (rows, Hq, 256) fp32
+    float const* lse_log2;  // lse layout
+    float const* dpsum;     // lse layout
+    float scale_log2;
+    float softcap;
+    float softcap_scale;
+  };
+
+  static __device__ __forceinline__ void run(Params const& p, char* smem_raw) {
+    SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
+    int const wg = threadIdx.x / 128;
+    int const n_block = blockIdx.x;
+    SeqInfo const seq(p.s, blockIdx.z);
+    int const j0 = n_block * kBlockN;
+    if (j0 >= seq.len_k) return;
+    BandMask const band{seq.off, p.s.window_left, p.s.window_right, seq.len_q, seq.len_k};
+    int m_lo, m_hi;
+    band.query_blocks(j0, min(j0 + kBlockN, seq.len_k) - 1, kBlockM, m_lo, m_hi);
+
+    if (threadIdx.x == 0) {
+      Barrier::init(&ss.kv_full, 1);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kStages; ++i) {
+        Barrier::init(&ss.q_full[i], 1 + 32);  // the TMA lane + the stats warp's lanes
+        Barrier::init(&ss.q_empty[i], kConsumerThreads);
+      }
+      cutlass::arch::fence_barrier_init();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+      cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+      if (m_lo <= m_hi) {
+        if (threadIdx.x == 0) {
+          produce(p, ss, seq, m_lo, m_hi);
+        } else if (threadIdx.x / 32 == 2) {
+          load_stats(p, ss, seq, m_lo, m_hi);
+        }
+      }
+    } else {
+      cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+      consume(p, ss, seq, band, wg - 1, m_lo, m_hi);
+    }
+  }
+
+  // Thread 0: K/V once, then Q/dO per step into the 2-stage ring, in the consumers' step order
+  // (heads of the GQA group outer, the rotated query blocks inner).
+  static __device__ __forceinline__ void produce(Params const& p, SharedStorage& ss,
+                                                 SeqInfo const& seq, int m_lo, int m_hi) {
+    int const n_block = blockIdx.x;
+    int const hk = blockIdx.y;
+    int const group = p.s.heads_q / p.s.heads_k;
+    int const count = m_hi - m_lo + 1;
+    int const rot = n_block % count;
+    Tensor mQ = p.tma_q.get_tma_tensor(
+        make_shape(p.s.rows_q, int32_t(kD), p.s.heads_q, p.s.tma_batch));
+    Tensor mdO = p.tma_do.get_tma_tensor(
+        make_shape(p.s.rows_q, int32_t(kD), p.s.heads_q, p.s.tma_batch));
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), SmemLayoutQ{});
+    Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), SmemLayoutQ{});
+    {
+      Tensor mK = p.tma_k.get_tma_tensor(
+          make_shape(p.s.rows_k, int32_t(kD), p.s.heads_k, p.s.tma_batch));
+      Tensor mV = p.tma_v.get_tma_tensor(
+          make_shape(p.s.rows_k, int32_t(kD), p.s.heads_k, p.s.tma_batch));
+      Tensor gK =
+          local_tile(domain_offset(make_coord(seq.start_k, _0{}), mK(_, _, hk, seq.tma_batch)),
+                     Shape<Int<kBlockN>, Int<kD>>{}, make_coord(n_block, _0{}));
+      Tensor gV =
+          local_tile(domain_offset(make_coord(seq.start_k, _0{}), mV(_, _, hk, seq.tma_batch)),
+                     Shape<Int<kBlockN>, Int<kD>>{}, make_coord(n_block, _0{}));
+      Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), SmemLayoutK{});
+      Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), SmemLayoutK{});
+      auto [tKg, tKs] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                      group_modes<0, 2>(gK));
+      auto [tVg, tVs] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                                      group_modes<0, 2>(gV));
+      TxBarrier::arrive_and_expect_tx(&ss.kv_full, kBytesKV);
+      copy(p.tma_k.with(ss.kv_full), tKg, tKs);
+      copy(p.tma_v.with(ss.kv_full), tVg, tVs);
+    }
+    RingState<kStages> st;
+    for (int hh = 0; hh < group; ++hh) {
+      int const h = hk * group + hh;
+      Tensor gQ =
+          local_tile(domain_offset(make_coord(seq.start_q, _0{}), mQ(_, _, h, seq.tma_batch)),
+                     Shape<Int<kBlockM>, Int<kD>>{}, make_coord(_, _0{}));
+      Tensor gdO =
+          local_tile(domain_offset(make_coord(seq.start_q, _0{}), mdO(_, _, h, seq.tma_batch)),
+                     Shape<Int<kBlockM>, Int<kD>>{}, make_coord(_, _0{}));
+      auto [tQg, tQs] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ),
+                                      group_modes<0, 2>(gQ));
+      auto [tdOg, tdOs] = tma_partition(p.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO),
+                                        group_modes<0, 2>(gdO));
+#pragma unroll 1
+      for (int i = 0; i < count; ++i) {
+        int const m = query_block_at(i, m_lo, count, rot);
+        Barrier::wait(&ss.q_empty[st.index], st.phase ^ 1);
+        TxBarrier::arrive_and_expect_tx(&ss.q_full[st.index], kBytesQdO);
+        copy(p.tma_q.with(ss.q_full[st.index]), tQg(_, m), tQs(_, st.index));
+        copy(p.tma_do.with(ss.q_full[st.index]), tdOg(_, m), tdOs(_, st.index));
+        st.advance();
+      }
+    }
+  }
+
+  // Warp 2: lse·log2e and dpsum of each stage's 64 queries by 4-byte cp.async (zero-filled past
+  // the sequence), each lane's q_full arrival deferred until its copies land; as v5's stats warp.
+  static __device__ __forceinline__ void load_stats(Params const& p, SharedStorage& ss,
+                                                    SeqInfo const& seq, int m_lo, int m_hi) {
+    int const lane = threadIdx.x % 32;
+    int const hk = blockIdx.y;
+    int const group = p.s.heads_q / p.s.heads_k;
+    int const count = m_hi - m_lo + 1;
+    int const total = group * count;
+    int64_t const head_step = p.s.cu_q != nullptr ? int64_t(p.s.rows_q) : int64_t(p.s.seqlen_q);
+    // Row r of (b, h) in the lse-shaped arrays (dense (B, Hq, Nq); varlen (Hq, Tq)).
+    int64_t base = p.s.cu_q != nullptr
+                       ? int64_t(hk) * group * p.s.rows_q + seq.start_q
+                       : (int64_t(blockIdx.z) * p.s.heads_q + int64_t(hk) * group) * p.s.seqlen_q;
+    int m = m_lo + int(blockIdx.x) % count;
+    int i = 0;
+    uint32_t const lse0 = static_cast<uint32_t>(__cvta_generic_to_shared(ss.lse.data() + lane));
+    uint32_t const dpsum0 =
+        static_cast<uint32_t>(__cvta_generic_to_shared(ss.dpsum.data() + lane));
+#pragma unroll 1
+    for (int step = 0; step < total; ++step) {
+      int const stage = step & 1;
+      Barrier::wait(&ss.q_empty[stage], ((step >> 1) & 1) ^ 1);
+      CUTLASS_PRAGMA_UNROLL
+      for (int k = 0; k < kBlockM / 32; ++k) {
+        int const row = m * kBlockM + lane + 32 * k;
+        // A skipped row still names an address inside the array (len_q >= 1 here).
+        int64_t const at = base + min(row, seq.len_q - 1);
+        int const bytes = row < seq.len_q ? 4 : 0;
+        uint32_t const off = (stage * kBlockM + 32 * k) * int(sizeof(float));
+        cp_async_4(lse0 + off, p.lse_log2 + at, bytes);
+        cp_async_4(dpsum0 + off, p.dpsum + at, bytes);
+      }
+      cp_async_arrive_noinc(&ss.q_full[stage]);
+      m = m == m_hi ? m_lo : m + 1;
+      if (++i == count) {
+        i = 0;
+        base += head_step;
+      }
+    }
+  }
+
+  // Warpgroup 0's elementwise pass: S -> P in place, and the dS factor g = P·(1−t²) (softcap) or
+  // g = P into the fp32 handoff. Rows are queries, so a thread's lse values are those of its 2
+  // rows. kMask: the tile crosses a mask or sequence edge (full tiles: no branch, no select).
+  template <bool kMask, bool kSoftcap, class TS, class TC, class TG>
+  static __device__ __forceinline__ void p_pass(Params const& p, TS& S_rc, TC const& c_rc,
+                                                TG& g_rc, float const* lse_s,
+                                                BandMask const& band, int i0, int j0) {
+    constexpr int kRows = decltype(size<0>(S_rc))::value;
+    constexpr int kCols = decltype(size<1>(S_rc))::value;
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float const l = lse_s[get<0>(c_rc(r, 0))];
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        float pr, g;
+        if constexpr (kSoftcap) {
+          float const t = tanh_fast(S_rc(r, c) * p.softcap_scale);
+          pr = exp2f(p.softcap * t * p.scale_log2 - l);
+          g = pr * (1.f - t * t);
+        } else {
+          pr = exp2f(S_rc(r, c) * p.scale_log2 - l);
+          g = pr;
+        }
+        if constexpr (kMask) {
+          int const query = i0 + get<0>(c_rc(r, c));
+          int const key = j0 + get<1>(c_rc(r, c));
+          if (query >= band.len_q || !band.visible(query, key)) {
+            pr = 0.f;
+            g = 0.f;
+          }
+        }
+        S_rc(r, c) = pr;
+        g_rc(r, c) = g;
+      }
+    }
+  }
+
+  static __device__ __forceinline__ void consume(Params const& p, SharedStorage& ss,
+                                                 SeqInfo const& seq, BandMask const& band, int w,
+                                                 int m_lo, int m_hi) {
+    int const tid = threadIdx.x % 128;
+    int const n_block = blockIdx.x;
+    int const hk = blockIdx.y;
+    int const group = p.s.heads_q / p.s.heads_k;
+    int const count = m_hi - m_lo + 1;
+    int const rot = count <= 0 ? 0 : n_block % count;
+    MmaSdP mma_sdp;
+    MmaKV mma_kv;
+    MmaDQ mma_dq;
+    auto thr_sdp = mma_sdp.get_thread_slice(tid);
+    auto thr_kv = mma_kv.get_thread_slice(tid);
+    auto thr_dq = mma_dq.get_thread_slice(tid);
+
+    Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), SmemLayoutK{});
+    Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), SmemLayoutKt{});
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), SmemLayoutQ{});
+    Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), SmemLayoutQ{});
+    Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), SmemLayoutQt{});
+    Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), SmemLayoutQt{});
+    Tensor sP = make_tensor(make_smem_ptr(ss.p.data()), SmemLayoutP{});
+    Tensor sPt = make_tensor(make_smem_ptr(ss.p.data()), SmemLayoutPt{});
+    Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), SmemLayoutP{});
+    Tensor sdSt = make_tensor(make_smem_ptr(ss.ds.data()), SmemLayoutPt{});
+    // Columns [128w, 128w + 128) of dO, Q (as the B operand, columns × queries) and K (columns ×
+    // keys): whole 64-column swizzle atoms.
+    Tensor sdOt_w =
+        local_tile(sdOt, Shape<Int<kHalf>, Int<kBlockM>, Int<kStages>>{}, make_coord(w, _0{}, _0{}));
+    Tensor sQt_w =
+        local_tile(sQt, Shape<Int<kHalf>, Int<kBlockM>, Int<kStages>>{}, make_coord(w, _0{}, _0{}));
+    Tensor sKt_w = local_tile(sKt, Shape<Int<kHalf>, Int<kBlockN>>{}, make_coord(w, _0{}));
+
+    // Warpgroup 0: S = Q·Kᵀ; warpgroup 1: dP = dO·Vᵀ (same MMA, same fragment layouts).
+    Tensor tSrA = thr_sdp.partition_fragment_A(w == 0 ? sQ : sdO);
+    Tensor tSrB = thr_sdp.partition_fragment_B(w == 0 ? sK : sV);
+    Tensor tVrP = thr_kv.partition_fragment_A(sPt);
+    Tensor tVrdO = thr_kv.partition_fragment_B(sdOt_w);
+    Tensor tKrdS = thr_kv.partition_fragment_A(sdSt);
+    Tensor tKrQ = thr_kv.partition_fragment_B(sQt_w);
+    Tensor tQrdS = thr_dq.partition_fragment_A(sdS);
+    Tensor tQrK = thr_dq.partition_fragment_B(sKt_w);
+    // Where this thread's S/dP accumulator elements live in the (queries, keys) P/dS tiles.
+    Tensor tPsP = thr_sdp.partition_C(sP);
+    Tensor tPsdS = thr_sdp.partition_C(sdS);
+
+    Tensor accS = partition_fragment_C(mma_sdp, Shape<_64, _64>{});
+    Tensor accdV = partition_fragment_C(mma_kv, Shape<_64, Int<kHalf>>{});
+    Tensor accdK = partition_fragment_C(mma_kv, Shape<_64, Int<kHalf>>{});
+    Tensor accdQ = partition_fragment_C(mma_dq, Shape<_64, Int<kHalf>>{});
+    Tensor cS = thr_sdp.partition_C(make_identity_tensor(Shape<_64, _64>{}));
+    Tensor S_rc = make_tensor(accS.data(), acc_rowcol(accS.layout()));
+    Tensor cS_rc = make_tensor(cS.data(), acc_rowcol(cS.layout()));
+    Tensor cdQ = thr_dq.partition_C(make_identity_tensor(Shape<_64, Int<kHalf>>{}));
+    static_assert(decltype(size(accS))::value == kAccElems);
+
+    clear(accdV);
+    clear(accdK);
+    int const j0 = n_block * kBlockN;
+    bool const softcap = p.softcap > 0.f;
+    int const row_stride = p.s.heads_q * kD;  // floats; < 2^31 (validated extents)
+    float* const dq_rows =
+        p.dq_accum + (int64_t(seq.tma_batch) * p.s.seqlen_q + seq.start_q) * row_stride +
+        int64_t(hk) * group * kD + w * kHalf;
+    // The register-order slot of this thread's first S/dP element pair in the fp32 handoff.
+    float* const g_slot = ss.g.data() + 2 * tid;
+
+    if (m_lo <= m_hi) {
+      Barrier::wait(&ss.kv_full, 0);
+      RingState<kStages> st;
+      int step = 0;
+      for (int hh = 0; hh < group; ++hh) {
+        for (int i = 0; i < count; ++i, ++step) {
+          int const m = query_block_at(i, m_lo, count, rot);
+          int const i0 = m * kBlockM;
+          bool const last = hh + 1 == group && i + 1 == count;
+          Barrier::wait(&ss.q_full[st.index], st.phase);
+          wg_gemm<true, -1, false>(mma_sdp, tSrA(_, _, _, st.index), tSrB, accS);
+          if (w == 0) {
+            bool const full = i0 + kBlockM <= seq.len_q &&
+                              band.tile_is_full(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
+            float const* lse_s = ss.lse.data() + st.index * kBlockM;
+            // g in accumulator order: g[e] belongs to accS(e).
+            float g[kAccElems];
+            Tensor g_rc = make_tensor(make_rmem_ptr<float>(g), acc_rowcol(accS.layout()));
+            warpgroup_wait<0>();
+            warpgroup_fence_operand(accS);
+            if (full) {
+              if (softcap) {
+                p_pass<false, true>(p, S_rc, cS_rc, g_rc, lse_s, band, i0, j0);
+              } else {
+                p_pass<false, false>(p, S_rc, cS_rc, g_rc, lse_s, band, i0, j0);
+              }
+            } else {
+              if (softcap) {
+                p_pass<true, true>(p, S_rc, cS_rc, g_rc, lse_s, band, i0, j0);
+              } else {
+                p_pass<true, false>(p, S_rc, cS_rc, g_rc, lse_s, band, i0, j0);
+              }
+            }
+            // Warpgroup 1's reads of the previous step's P (dV GEMM) and g (dS pass) are done.
+            if (step > 0) named_sync(kBarPFree, kConsumerThreads);
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < kAccElems; e += 2) {
+              alignas(4) Element pair[2] = {Element(accS(e)), Element(accS(e + 1))};
+              sts_u32(&tPsP(e), *reinterpret_cast<uint32_t*>(pair));
+              *reinterpret_cast<float2*>(g_slot + (e / 2) * 256) = make_float2(g[e], g[e + 1]);
+            }
+            cutlass::arch::fence_view_async_shared();
+            named_sync(kBarPReady, kConsumerThreads);
+            wg_gemm<false, -1, false>(mma_kv, tVrP, tVrdO(_, _, _, st.index), accdV);
+            named_sync(kBarDsReady, kConsumerThreads);
+          } else {
+            named_sync(kBarPReady, kConsumerThreads);
+            wg_gemm<false, -1, false>(mma_kv, tVrP, tVrdO(_, _, _, st.index), accdV);
+            warpgroup_wait<1>();  // dP (the older batch) is done; dV may still run
+            warpgroup_fence_operand(accS);
+            float const* dpsum_s = ss.dpsum.data() + st.index * kBlockM;
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < kAccElems; e += 2) {
+              float2 const gg = *reinterpret_cast<float2 const*>(g_slot + (e / 2) * 256);
+              float const d = dpsum_s[get<0>(cS(e))];  // both elements of a pair share a row
+              accS(e) = gg.x * (accS(e) - d);
+              accS(e + 1) = gg.y * (accS(e + 1) - d);
+            }
+            // dS overwrites the buffer warpgroup 0's dK/dQ GEMMs of the previous step read.
+            // (P and g are released by this warpgroup's arrival after its last wait below,
+            // once its dV GEMM has read P too.)
+            if (step > 0) named_sync(kBarDsFree, kConsumerThreads);
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < kAccElems; e += 2) {
+              alignas(4) Element pair[2] = {Element(accS(e)), Element(accS(e + 1))};
+              sts_u32(&tPsdS(e), *reinterpret_cast<uint32_t*>(pair));
+            }
+            cutlass::arch::fence_view_async_shared();
+            named_sync(kBarDsReady, kConsumerThreads);
+          }
+          wg_gemm<false, -1, false>(mma_kv, tKrdS, tKrQ(_, _, _, st.index), accdK);
+          wg_gemm<true, -1, false>(mma_dq, tQrdS, tQrK, accdQ);
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(accdV);
+          warpgroup_fence_operand(accdK);
+          warpgroup_fence_operand(accdQ);
+          // Pairs with the other warpgroup's wait before its next write; none after the last
+          // step, so no arrival is left pending at exit.
+          if (!last) {
+            // Constant ids: a register id makes ptxas reserve all 16 barriers.
+            if (w == 0) {
+              named_arrive(kBarDsFree, kConsumerThreads);
+            } else {
+              named_arrive(kBarPFree, kConsumerThreads);
+            }
+          }
+          Barrier::arrive(&ss.q_empty[st.index]);
+          st.advance();
+          float* const dq_tile = dq_rows + int64_t(hh) * kD + int64_t(i0) * row_stride;
+          CUTLASS_PRAGMA_UNROLL
+          for (int e = 0; e < size(accdQ); e += 2) {
+            int const row = get<0>(cdQ(e));
+            if (i0 + row < seq.len_q) {
+              red_add_f32x2(dq_tile + row * row_stride + get<1>(cdQ(e)), accdQ(e), accdQ(e + 1));
+            }
+          }
+        }
+      }
+    }
+    Tensor cKV = thr_kv.partition_C(make_identity_tensor(Shape<_64, Int<kHalf>>{}));
+    Element* vbase = p.dv + int64_t(seq.tma_batch) * p.dv_batch_stride +
+                     int64_t(seq.start_k) * p.dv_seq_stride + int64_t(hk) * p.dv_head_stride +
+                     w * kHalf;
+    store_rows(accdV, cKV, vbase, p.dv_seq_stride, j0, seq.len_k, 1.f);
+    Element* kbase = p.dk + int64_t(seq.tma_batch) * p.dk_batch_stride +
+                     int64_t(seq.start_k) * p.dk_seq_stride + int64_t(hk) * p.dk_head_stride +
+                     w * kHalf;
+    store_rows(accdK, cKV, kbase, p.dk_seq_stride, j0, seq.len_k, p.s.scale);
+  }
+
+  template <class Acc, class Coord>
+  static __device__ __forceinline__ void store_rows(Acc const& acc, Coord const& coord,
+                                                    Element* base, int64_t seq_stride, int j0,
+                                                    int len_k, float mul) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(acc); i += 2) {
+      int const row = j0 + get<0>(coord(i));
+      if (row < len_k) {
+        alignas(4) Element pair[2] = {Element(acc(i) * mul), Element(acc(i + 1) * mul)};
+        *reinterpret_cast<uint32_t*>(base + int64_t(row) * seq_stride + get<1>(coord(i))) =
+            *reinterpret_cast<uint32_t*>(pair);
+      }
+    }
+  }
+};
+
+template <class Kernel>
+__global__ void __launch_bounds__(Kernel::kThreads, 1)
+    bwd_kernel_d256(CUTE_GRID_CONSTANT typename Kernel::Params const params) {
+  extern __shared__ __align__(1024) char smem[];
+  Kernel::run(params, smem);
+}
+
+}  // namespace longflash::sm90
