@@ -87,10 +87,13 @@ class Tiles:
 
 
 def cuda_tiles(d: int) -> Tiles:
-    # cuda/src/sm90/fwd.cuh: kBlockM = 128, kBlockN = 128 / 96 / 64 for d <= 128 / 192 / 256;
-    # cuda/src/params.h: kBwdBlockN = kBwdBlockM = 64 (keys per CTA, queries per step).
+    # cuda/src/sm90/fwd.cuh: kBlockM = 128, kBlockN = 128 / 96 / 64 for d <= 128 / 192 / 256.
+    # Backward: the default v5 (bwd_v5.cuh) at d 64 and 128, 128 keys per CTA and 128 / 64
+    # queries per step; v2 elsewhere (params.h: kBwdBlockN = kBwdBlockM = 64).
     # tests/test_io_model.py checks these against the headers.
     fwd_cols = 128 if d <= 128 else (96 if d <= 192 else 64)
+    if d in (64, 128):
+        return Tiles(fwd_rows=128, fwd_cols=fwd_cols, kv_keys=128, kv_rows=128 if d == 64 else 64)
     return Tiles(fwd_rows=128, fwd_cols=fwd_cols, kv_keys=64, kv_rows=64)
 
 

@@ -89,6 +89,14 @@ def test_cuda_tiles_match_kernel_sources(io):
     assert "int kConsumerWGs_ = 2," in fwd and "kBlockM = 64 * kConsumerWGs;" in fwd
     assert "kBlockN = kDqk <= 128 ? 128 : (kDqk <= 192 ? 96 : 64);" in fwd
     assert re.search(r"kBwdBlockN = 64;", params) and re.search(r"kBwdBlockM = 64;", params)
+    v5 = (REPO / "cuda/src/sm90/bwd_v5.cuh").read_text()
+    assert "kBlockM = kDqk == 64 ? 128 : 64;" in v5 and "kBlockN = 128;" in v5
+    assert "kDqk == kDv && (kDqk == 64 || kDqk == 128)" in v5  # where v5 (the default) runs
+    assert [(io.cuda_tiles(d).kv_keys, io.cuda_tiles(d).kv_rows) for d in (64, 128, 256)] == [
+        (128, 128),
+        (128, 64),
+        (64, 64),
+    ]
     assert [io.cuda_tiles(d).fwd_cols for d in (64, 128, 192, 256)] == [128, 128, 96, 64]
 
 
