@@ -31,6 +31,8 @@ template <typename Element_>
 struct BwdKernelD256 {
   using Element = Element_;
   static constexpr int kD = 256;
+  static constexpr int kDqk = kD;  // the names the shared producer (bwd_v5.cuh) reads
+  static constexpr int kDv = kD;
   static constexpr int kHalf = kD / 2;  // head-dim columns of dK/dV/dQ owned by one warpgroup
   static constexpr int kBlockM = 64;    // queries per step
   static constexpr int kBlockN = 64;    // keys per CTA
@@ -67,6 +69,8 @@ struct BwdKernelD256 {
                                              Shape<Int<kBlockN>, Int<kD>>{}));
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
                                              Shape<Int<kBlockM>, Int<kD>, Int<kStages>>{}));
+  using SmemLayoutV = SmemLayoutK;   // V and dO share K's and Q's layouts (Dv = Dqk)
+  using SmemLayoutdO = SmemLayoutQ;
   using SmemLayoutQt = decltype(composition(
       SmemLayoutQ{},
       make_ordered_layout(Shape<Int<kD>, Int<kBlockM>, Int<kStages>>{}, Step<_2, _1, _3>{})));
@@ -155,117 +159,15 @@ struct BwdKernelD256 {
       cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
       if (m_lo <= m_hi) {
         if (threadIdx.x == 0) {
-          produce(p, ss, seq, m_lo, m_hi);
+          produce_kv_qdo<BwdKernelD256>(p, ss, seq, blockIdx.x, blockIdx.y, m_lo, m_hi);
         } else if (threadIdx.x / 32 == 2) {
-          load_stats(p, ss, seq, m_lo, m_hi);
+          load_stats_rows<BwdKernelD256>(p, ss, seq, threadIdx.x % 32, blockIdx.x, blockIdx.y,
+                                         blockIdx.z, m_lo, m_hi);
         }
       }
     } else {
       cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
       consume(p, ss, seq, band, wg - 1, m_lo, m_hi);
-    }
-  }
-
-  // Thread 0: K/V once, then Q/dO per step into the 2-stage ring, in the consumers' step order
-  // (heads of the GQA group outer, the rotated query blocks inner).
-  static __device__ __forceinline__ void produce(Params const& p, SharedStorage& ss,
-                                                 SeqInfo const& seq, int m_lo, int m_hi) {
-    int const n_block = blockIdx.x;
-    int const hk = blockIdx.y;
-    int const group = p.s.heads_q / p.s.heads_k;
-    int const count = m_hi - m_lo + 1;
-    int const rot = n_block % count;
-    Tensor mQ = p.tma_q.get_tma_tensor(
-        make_shape(p.s.rows_q, int32_t(kD), p.s.heads_q, p.s.tma_batch));
-    Tensor mdO = p.tma_do.get_tma_tensor(
-        make_shape(p.s.rows_q, int32_t(kD), p.s.heads_q, p.s.tma_batch));
-    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), SmemLayoutQ{});
-    Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), SmemLayoutQ{});
-    {
-      Tensor mK = p.tma_k.get_tma_tensor(
-          make_shape(p.s.rows_k, int32_t(kD), p.s.heads_k, p.s.tma_batch));
-      Tensor mV = p.tma_v.get_tma_tensor(
-          make_shape(p.s.rows_k, int32_t(kD), p.s.heads_k, p.s.tma_batch));
-      Tensor gK =
-          local_tile(domain_offset(make_coord(seq.start_k, _0{}), mK(_, _, hk, seq.tma_batch)),
-                     Shape<Int<kBlockN>, Int<kD>>{}, make_coord(n_block, _0{}));
-      Tensor gV =
-          local_tile(domain_offset(make_coord(seq.start_k, _0{}), mV(_, _, hk, seq.tma_batch)),
-                     Shape<Int<kBlockN>, Int<kD>>{}, make_coord(n_block, _0{}));
-      Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), SmemLayoutK{});
-      Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), SmemLayoutK{});
-      auto [tKg, tKs] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
-                                      group_modes<0, 2>(gK));
-      auto [tVg, tVs] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
-                                      group_modes<0, 2>(gV));
-      TxBarrier::arrive_and_expect_tx(&ss.kv_full, kBytesKV);
-      copy(p.tma_k.with(ss.kv_full), tKg, tKs);
-      copy(p.tma_v.with(ss.kv_full), tVg, tVs);
-    }
-    RingState<kStages> st;
-    for (int hh = 0; hh < group; ++hh) {
-      int const h = hk * group + hh;
-      Tensor gQ =
-          local_tile(domain_offset(make_coord(seq.start_q, _0{}), mQ(_, _, h, seq.tma_batch)),
-                     Shape<Int<kBlockM>, Int<kD>>{}, make_coord(_, _0{}));
-      Tensor gdO =
-          local_tile(domain_offset(make_coord(seq.start_q, _0{}), mdO(_, _, h, seq.tma_batch)),
-                     Shape<Int<kBlockM>, Int<kD>>{}, make_coord(_, _0{}));
-      auto [tQg, tQs] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ),
-                                      group_modes<0, 2>(gQ));
-      auto [tdOg, tdOs] = tma_partition(p.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO),
-                                        group_modes<0, 2>(gdO));
-#pragma unroll 1
-      for (int i = 0; i < count; ++i) {
-        int const m = query_block_at(i, m_lo, count, rot);
-        Barrier::wait(&ss.q_empty[st.index], st.phase ^ 1);
-        TxBarrier::arrive_and_expect_tx(&ss.q_full[st.index], kBytesQdO);
-        copy(p.tma_q.with(ss.q_full[st.index]), tQg(_, m), tQs(_, st.index));
-        copy(p.tma_do.with(ss.q_full[st.index]), tdOg(_, m), tdOs(_, st.index));
-        st.advance();
-      }
-    }
-  }
-
-  // Warp 2: lse·log2e and dpsum of each stage's 64 queries by 4-byte cp.async (zero-filled past
-  // the sequence), each lane's q_full arrival deferred until its copies land; as v5's stats warp.
-  static __device__ __forceinline__ void load_stats(Params const& p, SharedStorage& ss,
-                                                    SeqInfo const& seq, int m_lo, int m_hi) {
-    int const lane = threadIdx.x % 32;
-    int const hk = blockIdx.y;
-    int const group = p.s.heads_q / p.s.heads_k;
-    int const count = m_hi - m_lo + 1;
-    int const total = group * count;
-    int64_t const head_step = p.s.cu_q != nullptr ? int64_t(p.s.rows_q) : int64_t(p.s.seqlen_q);
-    // Row r of (b, h) in the lse-shaped arrays (dense (B, Hq, Nq); varlen (Hq, Tq)).
-    int64_t base = p.s.cu_q != nullptr
-                       ? int64_t(hk) * group * p.s.rows_q + seq.start_q
-                       : (int64_t(blockIdx.z) * p.s.heads_q + int64_t(hk) * group) * p.s.seqlen_q;
-    int m = m_lo + int(blockIdx.x) % count;
-    int i = 0;
-    uint32_t const lse0 = static_cast<uint32_t>(__cvta_generic_to_shared(ss.lse.data() + lane));
-    uint32_t const dpsum0 =
-        static_cast<uint32_t>(__cvta_generic_to_shared(ss.dpsum.data() + lane));
-#pragma unroll 1
-    for (int step = 0; step < total; ++step) {
-      int const stage = step & 1;
-      Barrier::wait(&ss.q_empty[stage], ((step >> 1) & 1) ^ 1);
-      CUTLASS_PRAGMA_UNROLL
-      for (int k = 0; k < kBlockM / 32; ++k) {
-        int const row = m * kBlockM + lane + 32 * k;
-        // A skipped row still names an address inside the array (len_q >= 1 here).
-        int64_t const at = base + min(row, seq.len_q - 1);
-        int const bytes = row < seq.len_q ? 4 : 0;
-        uint32_t const off = (stage * kBlockM + 32 * k) * int(sizeof(float));
-        cp_async_4(lse0 + off, p.lse_log2 + at, bytes);
-        cp_async_4(dpsum0 + off, p.dpsum + at, bytes);
-      }
-      cp_async_arrive_noinc(&ss.q_full[stage]);
-      m = m == m_hi ? m_lo : m + 1;
-      if (++i == count) {
-        i = 0;
-        base += head_step;
-      }
     }
   }
 
@@ -483,21 +385,6 @@ struct BwdKernelD256 {
                      int64_t(seq.start_k) * p.dk_seq_stride + int64_t(hk) * p.dk_head_stride +
                      w * kHalf;
     store_rows(accdK, cKV, kbase, p.dk_seq_stride, j0, seq.len_k, p.s.scale);
-  }
-
-  template <class Acc, class Coord>
-  static __device__ __forceinline__ void store_rows(Acc const& acc, Coord const& coord,
-                                                    Element* base, int64_t seq_stride, int j0,
-                                                    int len_k, float mul) {
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(acc); i += 2) {
-      int const row = j0 + get<0>(coord(i));
-      if (row < len_k) {
-        alignas(4) Element pair[2] = {Element(acc(i) * mul), Element(acc(i + 1) * mul)};
-        *reinterpret_cast<uint32_t*>(base + int64_t(row) * seq_stride + get<1>(coord(i))) =
-            *reinterpret_cast<uint32_t*>(pair);
-      }
-    }
   }
 };
 

@@ -73,6 +73,135 @@ enum class DqMode : int { kReduce = 0, kSkip = 1, kStageOnly = 2 };
 // reuse ordered by one more named barrier pair per step (see consume). The producer warpgroup's 24
 // registers hold three loops: thread 0 issues the TMA copies, warp 1 (and warp 3 at hd64) writes
 // dQ, warp 2 brings lse/dpsum in by cp.async.
+// Producer-side steps and the dK/dV epilogue shared by the 128-key v5 kernel and the hd256 v6
+// kernel (bwd_d256.cuh). K is the kernel struct: its tile sizes, shared-memory layouts, TMA
+// descriptors (Params) and barriers (SharedStorage) are what differ.
+
+// Warp 0, lane 0: the TMA producer (K/V once, Q/dO per stage, the query blocks of every head of
+// the GQA group in the rotated order). q_full also counts the stats warp's 32 arrivals.
+template <class K>
+__device__ __forceinline__ void produce_kv_qdo(typename K::Params const& p,
+                                               typename K::SharedStorage& ss, SeqInfo const& seq,
+                                               int n_block, int hk, int m_lo, int m_hi) {
+  int const group = p.s.heads_q / p.s.heads_k;
+  int const count = m_hi - m_lo + 1;
+  int const rot = n_block % count;
+  Tensor mQ = p.tma_q.get_tma_tensor(
+      make_shape(p.s.rows_q, int32_t(K::kDqk), p.s.heads_q, p.s.tma_batch));
+  Tensor mdO = p.tma_do.get_tma_tensor(
+      make_shape(p.s.rows_q, int32_t(K::kDv), p.s.heads_q, p.s.tma_batch));
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename K::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename K::SmemLayoutdO{});
+  {
+    Tensor mK = p.tma_k.get_tma_tensor(
+        make_shape(p.s.rows_k, int32_t(K::kDqk), p.s.heads_k, p.s.tma_batch));
+    Tensor mV = p.tma_v.get_tma_tensor(
+        make_shape(p.s.rows_k, int32_t(K::kDv), p.s.heads_k, p.s.tma_batch));
+    Tensor gK =
+        local_tile(domain_offset(make_coord(seq.start_k, _0{}), mK(_, _, hk, seq.tma_batch)),
+                   Shape<Int<K::kBlockN>, Int<K::kDqk>>{}, make_coord(n_block, _0{}));
+    Tensor gV =
+        local_tile(domain_offset(make_coord(seq.start_k, _0{}), mV(_, _, hk, seq.tma_batch)),
+                   Shape<Int<K::kBlockN>, Int<K::kDv>>{}, make_coord(n_block, _0{}));
+    Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename K::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename K::SmemLayoutV{});
+    auto [tKg, tKs] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                    group_modes<0, 2>(gK));
+    auto [tVg, tVs] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                                    group_modes<0, 2>(gV));
+    TxBarrier::arrive_and_expect_tx(&ss.kv_full, K::kBytesKV);
+    copy(p.tma_k.with(ss.kv_full), tKg, tKs);
+    copy(p.tma_v.with(ss.kv_full), tVg, tVs);
+  }
+
+  RingState<K::kStages> st;
+  for (int hh = 0; hh < group; ++hh) {
+    int const h = hk * group + hh;
+    Tensor gQ =
+        local_tile(domain_offset(make_coord(seq.start_q, _0{}), mQ(_, _, h, seq.tma_batch)),
+                   Shape<Int<K::kBlockM>, Int<K::kDqk>>{}, make_coord(_, _0{}));
+    Tensor gdO =
+        local_tile(domain_offset(make_coord(seq.start_q, _0{}), mdO(_, _, h, seq.tma_batch)),
+                   Shape<Int<K::kBlockM>, Int<K::kDv>>{}, make_coord(_, _0{}));
+    auto [tQg, tQs] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ),
+                                    group_modes<0, 2>(gQ));
+    auto [tdOg, tdOs] = tma_partition(p.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO),
+                                      group_modes<0, 2>(gdO));
+#pragma unroll 1
+    for (int i = 0; i < count; ++i) {
+      int const m = query_block_at(i, m_lo, count, rot);
+      Barrier::wait(&ss.q_empty[st.index], st.phase ^ 1);
+      TxBarrier::arrive_and_expect_tx(&ss.q_full[st.index], K::kBytesQdO);
+      copy(p.tma_q.with(ss.q_full[st.index]), tQg(_, m), tQs(_, st.index));
+      copy(p.tma_do.with(ss.q_full[st.index]), tdOg(_, m), tdOs(_, st.index));
+      st.advance();
+    }
+  }
+}
+
+// Warp 2: lse·log2e and dpsum of each stage's K::kBlockM queries, by 4-byte cp.async straight into
+// the stage (zero-filled past the sequence; the lse arrays have no padding a bulk copy could run
+// into). Each lane's arrival on q_full is deferred until its copies land
+// (`cp.async.mbarrier.arrive.noinc`), so no value passes through registers and the warp never
+// waits on a global load.
+template <class K>
+__device__ __forceinline__ void load_stats_rows(typename K::Params const& p,
+                                                typename K::SharedStorage& ss, SeqInfo const& seq,
+                                                int lane, int n_block, int hk, int b, int m_lo,
+                                                int m_hi) {
+  int const group = p.s.heads_q / p.s.heads_k;
+  int const count = m_hi - m_lo + 1;
+  int const total = group * count;
+  int64_t const head_step = p.s.cu_q != nullptr ? int64_t(p.s.rows_q) : int64_t(p.s.seqlen_q);
+  // Row r of (b, h) in the lse-shaped arrays (dense (B, Hq, Nq); varlen (Hq, Tq)).
+  int64_t base = p.s.cu_q != nullptr
+                     ? int64_t(hk) * group * p.s.rows_q + seq.start_q
+                     : (int64_t(b) * p.s.heads_q + int64_t(hk) * group) * p.s.seqlen_q;
+  int m = m_lo + n_block % count;
+  int i = 0;
+  uint32_t const lse0 = static_cast<uint32_t>(__cvta_generic_to_shared(ss.lse.data() + lane));
+  uint32_t const dpsum0 =
+      static_cast<uint32_t>(__cvta_generic_to_shared(ss.dpsum.data() + lane));
+#pragma unroll 1
+  for (int step = 0; step < total; ++step) {
+    int const stage = step & 1;
+    Barrier::wait(&ss.q_empty[stage], ((step >> 1) & 1) ^ 1);
+    CUTLASS_PRAGMA_UNROLL
+    for (int k = 0; k < K::kBlockM / 32; ++k) {
+      int const row = m * K::kBlockM + lane + 32 * k;
+      // A skipped row still names an address inside the array (len_q >= 1 here).
+      int64_t const at = base + min(row, seq.len_q - 1);
+      int const bytes = row < seq.len_q ? 4 : 0;
+      uint32_t const off = (stage * K::kBlockM + 32 * k) * int(sizeof(float));
+      cp_async_4(lse0 + off, p.lse_log2 + at, bytes);
+      cp_async_4(dpsum0 + off, p.dpsum + at, bytes);
+    }
+    cp_async_arrive_noinc(&ss.q_full[stage]);
+    m = m == m_hi ? m_lo : m + 1;
+    if (++i == count) {
+      i = 0;
+      base += head_step;
+    }
+  }
+}
+
+// dK or dV rows of a warpgroup's accumulator, scaled by mul, as element pairs; rows past the
+// sequence are skipped.
+template <class Element, class Acc, class Coord>
+__device__ __forceinline__ void store_rows(Acc const& acc, Coord const& coord, Element* base,
+                                           int64_t seq_stride, int j0, int len_k, float mul) {
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < size(acc); i += 2) {
+    int const row = j0 + get<0>(coord(i));
+    if (row < len_k) {
+      alignas(4) Element pair[2] = {Element(acc(i) * mul), Element(acc(i + 1) * mul)};
+      *reinterpret_cast<uint32_t*>(base + int64_t(row) * seq_stride + get<1>(coord(i))) =
+          *reinterpret_cast<uint32_t*>(pair);
+    }
+  }
+}
+
+
 template <typename Element_, int kDqk_, int kDv_>
 struct BwdKernelV5 {
   using Element = Element_;
@@ -254,7 +383,7 @@ struct BwdKernelV5 {
       cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
       if (m_lo <= m_hi) {
         if (threadIdx.x == 0) {
-          produce(p, ss, seq, n_block, hk, m_lo, m_hi);
+          produce_kv_qdo<BwdKernelV5>(p, ss, seq, n_block, hk, m_lo, m_hi);
         } else if ((threadIdx.x / 32 == 1 || (kWriterWarps == 2 && threadIdx.x / 32 == 3)) &&
                    p.dq_mode != DqMode::kSkip) {
           write_dq(p, ss);
@@ -268,74 +397,10 @@ struct BwdKernelV5 {
     }
   }
 
-  // Warp 0, lane 0: the TMA producer (K/V once, Q/dO per stage). The stage's lse and dpsum come
-  // from warp 2 (load_stats), so each warp's loop fits the producer warpgroup's 24 registers next
-  // to the writer warp's code; q_full counts this lane's arrival (with the TMA bytes) and warp 2's
-  // 32.
-  static __device__ __forceinline__ void produce(Params const& p, SharedStorage& ss,
-                                                 SeqInfo const& seq, int n_block, int hk,
-                                                 int m_lo, int m_hi) {
-    int const group = p.s.heads_q / p.s.heads_k;
-    int const count = m_hi - m_lo + 1;
-    int const rot = n_block % count;
-    Tensor mQ = p.tma_q.get_tma_tensor(
-        make_shape(p.s.rows_q, int32_t(kDqk), p.s.heads_q, p.s.tma_batch));
-    Tensor mdO = p.tma_do.get_tma_tensor(
-        make_shape(p.s.rows_q, int32_t(kDv), p.s.heads_q, p.s.tma_batch));
-    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), SmemLayoutQ{});
-    Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), SmemLayoutdO{});
-    {
-      Tensor mK = p.tma_k.get_tma_tensor(
-          make_shape(p.s.rows_k, int32_t(kDqk), p.s.heads_k, p.s.tma_batch));
-      Tensor mV = p.tma_v.get_tma_tensor(
-          make_shape(p.s.rows_k, int32_t(kDv), p.s.heads_k, p.s.tma_batch));
-      Tensor gK =
-          local_tile(domain_offset(make_coord(seq.start_k, _0{}), mK(_, _, hk, seq.tma_batch)),
-                     Shape<Int<kBlockN>, Int<kDqk>>{}, make_coord(n_block, _0{}));
-      Tensor gV =
-          local_tile(domain_offset(make_coord(seq.start_k, _0{}), mV(_, _, hk, seq.tma_batch)),
-                     Shape<Int<kBlockN>, Int<kDv>>{}, make_coord(n_block, _0{}));
-      Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), SmemLayoutK{});
-      Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), SmemLayoutV{});
-      auto [tKg, tKs] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
-                                      group_modes<0, 2>(gK));
-      auto [tVg, tVs] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
-                                      group_modes<0, 2>(gV));
-      TxBarrier::arrive_and_expect_tx(&ss.kv_full, kBytesKV);
-      copy(p.tma_k.with(ss.kv_full), tKg, tKs);
-      copy(p.tma_v.with(ss.kv_full), tVg, tVs);
-    }
-
-    RingState<kStages> st;
-    for (int hh = 0; hh < group; ++hh) {
-      int const h = hk * group + hh;
-      Tensor gQ =
-          local_tile(domain_offset(make_coord(seq.start_q, _0{}), mQ(_, _, h, seq.tma_batch)),
-                     Shape<Int<kBlockM>, Int<kDqk>>{}, make_coord(_, _0{}));
-      Tensor gdO =
-          local_tile(domain_offset(make_coord(seq.start_q, _0{}), mdO(_, _, h, seq.tma_batch)),
-                     Shape<Int<kBlockM>, Int<kDv>>{}, make_coord(_, _0{}));
-      auto [tQg, tQs] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ),
-                                      group_modes<0, 2>(gQ));
-      auto [tdOg, tdOs] = tma_partition(p.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO),
-                                        group_modes<0, 2>(gdO));
-#pragma unroll 1
-      for (int i = 0; i < count; ++i) {
-        int const m = query_block_at(i, m_lo, count, rot);
-        Barrier::wait(&ss.q_empty[st.index], st.phase ^ 1);
-        TxBarrier::arrive_and_expect_tx(&ss.q_full[st.index], kBytesQdO);
-        copy(p.tma_q.with(ss.q_full[st.index]), tQg(_, m), tQs(_, st.index));
-        copy(p.tma_do.with(ss.q_full[st.index]), tdOg(_, m), tdOs(_, st.index));
-        st.advance();
-      }
-    }
-  }
-
-  // Warp 2: lse·log2e and dpsum of each stage's 64 queries, by 4-byte cp.async straight into the
-  // stage (zero-filled past the sequence; the lse arrays have no padding a bulk copy could run
-  // into). Each lane's arrival on q_full is deferred until its copies land
-  // (`cp.async.mbarrier.arrive.noinc`), so no value passes through registers and the warp never
-  // waits on a global load.
+  // Warp 2: the stage statistics (load_stats_rows). Split from the TMA producer (warp 0, lane 0:
+  // produce_kv_qdo) so that each warp's loop fits the producer warpgroup's 24 registers next to the
+  // writer warps' code; the block geometry is recomputed here rather than passed in, as in the
+  // writer warp: sharing it with the producer's branch made ptxas spill.
   static __device__ __forceinline__ void load_stats(Params const& p, SharedStorage& ss) {
     int const lane = threadIdx.x % 32;
     int const n_block = blockIdx.x;
@@ -346,40 +411,7 @@ struct BwdKernelV5 {
     int m_lo, m_hi;
     band.query_blocks(n_block * kBlockN, min(n_block * kBlockN + kBlockN, seq.len_k) - 1, kBlockM,
                       m_lo, m_hi);
-    int const group = p.s.heads_q / p.s.heads_k;
-    int const count = m_hi - m_lo + 1;
-    int const total = group * count;
-    int64_t const head_step = p.s.cu_q != nullptr ? int64_t(p.s.rows_q) : int64_t(p.s.seqlen_q);
-    // Row r of (b, h) in the lse-shaped arrays (dense (B, Hq, Nq); varlen (Hq, Tq)).
-    int64_t base = p.s.cu_q != nullptr
-                       ? int64_t(hk) * group * p.s.rows_q + seq.start_q
-                       : (int64_t(b) * p.s.heads_q + int64_t(hk) * group) * p.s.seqlen_q;
-    int m = m_lo + n_block % count;
-    int i = 0;
-    uint32_t const lse0 = static_cast<uint32_t>(__cvta_generic_to_shared(ss.lse.data() + lane));
-    uint32_t const dpsum0 =
-        static_cast<uint32_t>(__cvta_generic_to_shared(ss.dpsum.data() + lane));
-#pragma unroll 1
-    for (int step = 0; step < total; ++step) {
-      int const stage = step & 1;
-      Barrier::wait(&ss.q_empty[stage], ((step >> 1) & 1) ^ 1);
-      CUTLASS_PRAGMA_UNROLL
-      for (int k = 0; k < kBlockM / 32; ++k) {
-        int const row = m * kBlockM + lane + 32 * k;
-        // A skipped row still names an address inside the array (len_q >= 1 here).
-        int64_t const at = base + min(row, seq.len_q - 1);
-        int const bytes = row < seq.len_q ? 4 : 0;
-        uint32_t const off = (stage * kBlockM + 32 * k) * int(sizeof(float));
-        cp_async_4(lse0 + off, p.lse_log2 + at, bytes);
-        cp_async_4(dpsum0 + off, p.dpsum + at, bytes);
-      }
-      cp_async_arrive_noinc(&ss.q_full[stage]);
-      m = m == m_hi ? m_lo : m + 1;
-      if (++i == count) {
-        i = 0;
-        base += head_step;
-      }
-    }
+    load_stats_rows<BwdKernelV5>(p, ss, seq, lane, n_block, hk, b, m_lo, m_hi);
   }
 
   // A dQ-writer warp: walks the consumers' step order; writer warp x (0: warp 1, 1: warp 3) takes
@@ -447,21 +479,6 @@ struct BwdKernelV5 {
     }
     // The CTA's shared memory must outlive the bulk reduces still reading it.
     bulk_wait_all();
-  }
-
-  template <class Acc, class Coord>
-  static __device__ __forceinline__ void store_rows(Acc const& acc, Coord const& coord,
-                                                    Element* base, int64_t seq_stride, int j0,
-                                                    int len_k, float mul) {
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(acc); i += 2) {
-      int const row = j0 + get<0>(coord(i));
-      if (row < len_k) {
-        alignas(4) Element pair[2] = {Element(acc(i) * mul), Element(acc(i + 1) * mul)};
-        *reinterpret_cast<uint32_t*>(base + int64_t(row) * seq_stride + get<1>(coord(i))) =
-            *reinterpret_cast<uint32_t*>(pair);
-      }
-    }
   }
 
   // Elementwise work in two passes around the dPᵀ wait. Without softcap, pass 1 turns Sᵀ into
