@@ -4,9 +4,11 @@ to SDPA flash and cuDNN, bf16 H=16 B=1 (causal and not), for each sequence lengt
 The variant is read by the library on every call, so one process times them all on the same
 inputs. `timing-no-dq-add` drops v2's dQ reductions (its dQ is wrong): it only measures what the
 reductions cost; `timing-v5-no-dq-add` does the same for v5, and `timing-v5-no-reduce` keeps v5's
-staging and hand-over to the writer warps but issues no reduce. v5 exists at hd64 and hd128, v6
-at hd256 (elsewhere the library runs v2 for them), so each head dim times the first variant and
-the variants that exist there. Each
+staging and hand-over to the writer warps but issues no reduce. v7 is v5 with the dQ accumulator
+laid out per query tile (one bulk reduce per warpgroup half and step instead of one per row);
+`timing-v7-no-reduce` is its staging and hand-over without the reduce. v5 and v7 exist at hd64 and
+hd128, v6 at hd256 (elsewhere the library runs v2 for them), so each head dim times the first
+variant and the variants that exist there. Each
 variant's dQ/dK/dV are compared with the first variant's (v2 by default: an independent kernel).
 "default" times whatever LONGFLASH_CUDA_BWD unset selects.
 
@@ -15,6 +17,7 @@ variant's dQ/dK/dV are compared with the first variant's (v2 by default: an inde
         python benchmarks/cuda_bwd_ab.py --out ab.json [--variants v2,v5] \
             [--seqlens 4096,16384] [--dims 64,128,256]
     hd256: --dims 256 --variants v2,v6
+    per-tile dQ: --dims 64,128 --variants v5,v7,timing-v7-no-reduce,timing-v5-no-reduce
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def main() -> int:
     for n in (int(x) for x in args.seqlens.split(",")):
         for d in (int(x) for x in args.dims.split(",")):
             # Each variant only where it is its own kernel (elsewhere the library runs v2 for it):
-            # v2 and the default everywhere, v6 at hd256, v3/v5/timing-* at hd64/hd128.
+            # v2 and the default everywhere, v6 at hd256, v3/v5/v7/timing-* at hd64/hd128.
             variants = [
                 v
                 for i, v in enumerate(args.variants.split(","))

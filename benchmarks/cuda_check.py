@@ -4,7 +4,7 @@ then timings at hd128 16K against SDPA flash and cuDNN in the same process.
 Run on an sm_90 machine with the library built (LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so):
     PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src python benchmarks/cuda_check.py \
         --phase {fwd,bwd,bench,all} --out results.json [--quick] [--only NAME] \
-        [--bwd-variants v2,v5]   (hd256: --only hd256 --bwd-variants v2,v6)
+        [--bwd-variants v2,v5]   (hd256: --only hd256 --bwd-variants v2,v6; per-tile dQ: v5,v7)
         [--fwd-variants default,v3]   (hd64 forward v3: --phase fwd --only hd64)
 Writes one JSON with every case's errors and every timing; prints a short table last.
 """
@@ -279,6 +279,20 @@ def cases(quick: bool, compiled):
             dict(name=f"{hd} gqa4 causal 2k", Hq=8, Hk=2, Nq=2048, Nk=2048, causal=True),
             dict(name=f"{hd} softcap gqa fp16", Hq=4, Hk=2, Nq=320, Nk=700, softcap=20.0, dtype=fp),
         ]
+        if d in (64, 128):
+            # v7 (LONGFLASH_CUDA_BWD=v7) keeps dQ in per-(query tile, head) blocks, each varlen
+            # sequence's first tile at floor(start / tile) + index: starts and ends one short of,
+            # at and one past a tile (64 rows at hd128, 128 at hd64), empty and one-token
+            # sequences, GQA, so a dq row reduced or read back from a neighbour's tile fails.
+            base += [
+                dict(
+                    name=f"{hd} varlen tile edges causal gqa",
+                    varlen=([63, 65, 0, 1, 128, 129, 200], [70, 65, 9, 1, 128, 300, 200]),
+                    Hq=4,
+                    Hk=2,
+                    causal=True,
+                ),
+            ]
         if d in (64, 256):
             base += [
                 dict(
@@ -551,7 +565,7 @@ def main() -> int:
     ap.add_argument(
         "--bwd-variants",
         default=None,
-        help="comma list of LONGFLASH_CUDA_BWD values (v2,v3,v5,v6): every case runs once per "
+        help="comma list of LONGFLASH_CUDA_BWD values (v2,v3,v5,v6,v7): every case runs once per "
         "variant, its name suffixed [variant]; unset: whatever the environment selects",
     )
     ap.add_argument(

@@ -261,7 +261,7 @@ lf_status cuda_fail(cudaError_t err, char const* what) {
 
 size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
-// Backward variant from LONGFLASH_CUDA_BWD ("v2", "v3" or "v5"; unset: v5). Read on
+// Backward variant from LONGFLASH_CUDA_BWD ("v2", "v3", "v5", "v6" or "v7"; unset: v5). Read on
 // every call (cheap next to a launch) so a process can switch it for A/B timing. v5 covers hd64
 // and hd128 outside the deterministic mode; other calls that ask for it run v2. v4 was folded into
 // v5 (v5's chain is v4's with the dQ reduces handed to writer warps); "v4" selects the default.
@@ -278,6 +278,10 @@ int bwd_version() {
   if (std::strcmp(e, "timing-v5-no-reduce") == 0) return kBwdTimingV5NoReduce;
   // hd256 only (bwd_d256.cuh); every other shape asked for with it runs v2.
   if (std::strcmp(e, "v6") == 0 || std::strcmp(e, "6") == 0) return kBwdV6;
+  // v5 with the per-tile dQ accumulator (hd64/hd128, not deterministic; else v2). The workspace
+  // size query reads the variable too: its accumulator is sized per tile.
+  if (std::strcmp(e, "v7") == 0 || std::strcmp(e, "7") == 0) return kBwdV7;
+  if (std::strcmp(e, "timing-v7-no-reduce") == 0) return kBwdTimingV7NoReduce;
   return 5;
 }
 
@@ -293,13 +297,25 @@ int fwd_version() {
   return kFwdDefault;
 }
 
-BwdWorkspace bwd_workspace(lf_attention_params const& p) {
+// The workspace of a call under backward variant `version`: v7's accumulator is per query tile
+// (params.h dq_first_tile), so it grows by the padding of each sequence's last tile.
+BwdWorkspace bwd_workspace(lf_attention_params const& p, int version) {
   BwdWorkspace w{};
   size_t const rows = size_t(tokens_q(p));
   size_t const lse_elems = rows * size_t(p.heads_q);
+  bool const varlen = p.cu_seqlens_q != nullptr;
   size_t off = 0;
   w.dq_accum = off;
-  off += align256(rows * p.heads_q * size_t(p.head_dim_qk) * sizeof(float));
+  if (bwd_v7_applies(version, p.head_dim_qk, p.head_dim_v, p.deterministic != 0)) {
+    w.dq_tile_rows = bwd_v7_tile_rows(p.head_dim_qk);
+    size_t const tiles = size_t(dq_tile_count(varlen, p.batch, tokens_q(p), p.seqlen_q,
+                                              w.dq_tile_rows));
+    off += align256(tiles * p.heads_q * size_t(w.dq_tile_rows) * size_t(p.head_dim_qk) *
+                    sizeof(float));
+  } else {
+    w.dq_tile_rows = 0;
+    off += align256(rows * p.heads_q * size_t(p.head_dim_qk) * sizeof(float));
+  }
   w.lse_log2 = off;
   off += align256(lse_elems * sizeof(float));
   w.dpsum = off;
@@ -377,7 +393,7 @@ lf_status lf_attention_backward_workspace_size(const lf_attention_params* params
   lf_status st = check_params(params);
   if (st != LF_SUCCESS) return st;
   if (bytes == nullptr) return fail(LF_ERROR_INVALID_ARGUMENT, "bytes is NULL");
-  *bytes = bwd_workspace(*params).total;
+  *bytes = bwd_workspace(*params, bwd_version()).total;
   return ok();
 }
 
@@ -444,8 +460,8 @@ lf_status lf_attention_backward(const lf_attention_params* params, lf_tensor q, 
     return fail(LF_ERROR_INVALID_ARGUMENT, "lse must be a non-NULL, 4-byte aligned pointer");
   }
   a.lse = lse;
-  a.ws = bwd_workspace(p);
   a.bwd_version = bwd_version();
+  a.ws = bwd_workspace(p, a.bwd_version);
   if (workspace_bytes < a.ws.total) {
     return fail(LF_ERROR_WORKSPACE, "workspace is %zu bytes, the call needs %zu "
                 "(lf_attention_backward_workspace_size)", workspace_bytes, a.ws.total);
@@ -474,7 +490,8 @@ lf_status lf_attention_backward(const lf_attention_params* params, lf_tensor q, 
     }
     if (err == cudaSuccess) err = launch_bwd_preprocess(a, s);
     if (err == cudaSuccess) err = dispatch_bwd(a, s);
-    if (err == cudaSuccess) err = launch_dq_postprocess(a, s);
+    // v7's launcher runs its own postprocess (the accumulator is in its fragment order).
+    if (err == cudaSuccess && a.ws.dq_tile_rows == 0) err = launch_dq_postprocess(a, s);
   }
   if (err != cudaSuccess) return cuda_fail(err, "backward launch failed");
   return ok();

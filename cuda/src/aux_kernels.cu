@@ -146,6 +146,9 @@ cudaError_t launch_bwd_preprocess(BwdArgs const& a, cudaStream_t stream) {
 }
 
 cudaError_t launch_dq_postprocess(BwdArgs const& a, cudaStream_t stream) {
+  // The row layout only: v7's per-tile accumulator is read back by its own postprocess
+  // (sm90/bwd_v5.cuh, dq_postprocess_tiles), which shares the kernel's fragment order.
+  if (a.ws.dq_tile_rows != 0) return cudaErrorInvalidValue;
   TokenMap const map = q_map(a.s);
   int const grid = grid_for(int64_t(map.rows) * map.heads * a.s.dqk);
   float const* accum = reinterpret_cast<float const*>(a.workspace + a.ws.dq_accum);

@@ -52,7 +52,12 @@ constexpr int kFwdV3ExpEmu = 4;
 
 // Workspace layout of the backward (offsets in bytes from the workspace base; 256-aligned).
 struct BwdWorkspace {
-  size_t dq_accum;   // float [rows][Hq][Dqk] indexed like dq (dense (B,Nq,Hq,D); varlen (Tq,Hq,D))
+  // dq_tile_rows == 0: float [rows][Hq][Dqk] indexed like dq (dense (B,Nq,Hq,D); varlen (Tq,Hq,D)).
+  // Else (v7): one contiguous tile of dq_tile_rows x Dqk floats per (query tile, head), see
+  // dq_first_tile; inside a tile the elements are in the order the kernel's dQ wgmma fragments
+  // hold them (bwd_v5.cuh, DqTileLayout), so the kernel adds a tile with one bulk reduce per half.
+  size_t dq_accum;
+  int dq_tile_rows;
   size_t lse_log2;   // float, lse * log2(e) in the lse layout; -inf rows become +inf (P = 0)
   size_t dpsum;      // float, rowsum(dO * O) in the lse layout
   size_t semaphores; // int, deterministic mode: one counter per (batch, head, m-block, warpgroup)
@@ -67,7 +72,8 @@ struct BwdArgs {
   BwdWorkspace ws;
   // 2 = 64-key blocks, dQ by per-thread REDs; 3 = the same with smem staging + TMA bulk reduce;
   // 5 = 128-key blocks, one warpgroup per 64 keys, dQ reduces by writer warps (bwd_v5.cuh; hd64
-  // and hd128, else v2; the default); kBwdV6 = hd256 kernel of bwd_d256.cuh (opt-in, else v2).
+  // and hd128, else v2; the default); kBwdV6 = hd256 kernel of bwd_d256.cuh (opt-in, else v2);
+  // kBwdV7 = v5 with the per-tile dQ accumulator (ws.dq_tile_rows != 0 exactly when it runs).
   int bwd_version;
 };
 
@@ -80,6 +86,37 @@ constexpr int kBwdTimingV5NoDqAdd = -5;
 constexpr int kBwdTimingV5NoReduce = -6;
 // LONGFLASH_CUDA_BWD=v6: the hd256 backward of bwd_d256.cuh (not yet run on a GPU; opt-in only).
 constexpr int kBwdV6 = 6;
+// LONGFLASH_CUDA_BWD=v7: v5 with the dQ accumulator laid out per query tile (one bulk reduce per
+// warpgroup half and step instead of one per row); timing-v7-no-reduce stages and hands over
+// without reducing (dQ wrong). Not yet run on a GPU; opt-in only.
+constexpr int kBwdV7 = 7;
+constexpr int kBwdTimingV7NoReduce = -7;
+
+// v7 covers v5's shapes (hd64, hd128) outside the deterministic mode. The workspace size query and
+// the launcher both decide by this (through BwdWorkspace::dq_tile_rows), so the accumulator's
+// layout and the kernel that fills it cannot disagree.
+constexpr bool bwd_v7_applies(int version, int dqk, int dv, bool deterministic) {
+  return (version == kBwdV7 || version == kBwdTimingV7NoReduce) && dqk == dv &&
+         (dqk == 64 || dqk == 128) && !deterministic;
+}
+// Query rows of v7's step and dQ tile (the kernel's kBlockM; it static_asserts the two agree).
+constexpr int bwd_v7_tile_rows(int dqk) { return dqk == 64 ? 128 : 64; }
+
+// v7's accumulator tiles, per head: dense sequence b starts at tile b * ceil(Nq / rows); varlen
+// sequence b (first packed row start_q) at floor(start_q / rows) + b. Sequence b needs
+// ceil(len_b / rows) tiles and floor(x + y) >= floor(x) + floor(y) gives
+// floor(start_b / rows) + b + ceil(len_b / rows) <= floor(start_{b+1} / rows) + b + 1, so the
+// sequences' tiles never overlap, and all of them fit in floor(Tq / rows) + B tiles (start_q is
+// clamped to [0, Tq] wherever it is read). Rows past a sequence's end inside its last tile belong
+// to no other sequence: the kernel adds into them (zeros) and the postprocess skips them.
+// Tile t of head h starts at float ((t * Hq) + h) * rows * Dqk.
+__host__ __device__ inline int64_t dq_first_tile(bool varlen, int b, int start_q, int seqlen_q,
+                                                 int rows) {
+  return varlen ? int64_t(start_q / rows) + b : int64_t(b) * ((seqlen_q + rows - 1) / rows);
+}
+inline int64_t dq_tile_count(bool varlen, int batch, int64_t tokens_q, int seqlen_q, int rows) {
+  return varlen ? tokens_q / rows + batch : int64_t(batch) * ((seqlen_q + rows - 1) / rows);
+}
 
 // Kernel entry points, one explicit instantiation per (dtype, Dqk, Dv) in generated units. The dtype
 // is a bool so that this header (and api.cpp) need no CUTLASS types.

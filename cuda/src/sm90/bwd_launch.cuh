@@ -1,6 +1,7 @@
 // Host side of the sm90 backward: TMA descriptors and the launch of the main kernel (one CTA per
 // (key block, kv head, sequence)): v2/v3 (64 keys), v5 (128 keys, hd64/hd128), v6 (64 keys, hd256,
-// opt-in). The preprocess/postprocess kernels live in aux_kernels.cu. Target: sm_90a.
+// opt-in), v7 (v5 with the per-tile dQ accumulator, opt-in; launches its own postprocess). The
+// other preprocess/postprocess kernels live in aux_kernels.cu. Target: sm_90a.
 #pragma once
 
 #include "bwd.cuh"
@@ -21,13 +22,13 @@ bool bwd_v5_applies(BwdArgs const& a) {
          !a.s.deterministic;
 }
 
-template <typename Element, int kDqk, int kDv>
-cudaError_t launch_bwd_v5(BwdArgs const& a, cudaStream_t stream) {
-  using K = BwdKernelV5<Element, kDqk, kDv>;
+// K: BwdKernelV5 or BwdKernelV7 (the same Params).
+template <class K>
+cudaError_t launch_bwd_v5(BwdArgs const& a, DqMode mode, cudaStream_t stream) {
+  using Element = typename K::Element;
+  constexpr int kDqk = K::kDqk;
+  constexpr int kDv = K::kDv;
   AttnShape const& s = a.s;
-  DqMode const mode = a.bwd_version == kBwdTimingV5NoDqAdd    ? DqMode::kSkip
-                      : a.bwd_version == kBwdTimingV5NoReduce ? DqMode::kStageOnly
-                                                              : DqMode::kReduce;
   typename K::Params const p{
       make_tma_copy(SM90_TMA_LOAD{},
                     gmem_view<Element>(a.q, s.rows_q, kDqk, s.heads_q, s.tma_batch),
@@ -108,11 +109,41 @@ cudaError_t launch_bwd_d256(BwdArgs const& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// v7: the main kernel into the per-tile accumulator, then its postprocess (the row-layout one in
+// aux_kernels.cu cannot read tiles; api.cpp skips it when ws.dq_tile_rows is set).
+template <typename Element, int kDqk, int kDv>
+cudaError_t launch_bwd_v7(BwdArgs const& a, cudaStream_t stream) {
+  using K = BwdKernelV7<Element, kDqk, kDv>;
+  AttnShape const& s = a.s;
+  if (a.ws.dq_tile_rows != K::kBlockM) return cudaErrorInvalidValue;  // sized for another tile
+  cudaError_t err = launch_bwd_v5<K>(
+      a, a.bwd_version == kBwdTimingV7NoReduce ? DqMode::kStageOnly : DqMode::kReduce, stream);
+  if (err != cudaSuccess) return err;
+  DqTileArgs const pa{s,
+                      reinterpret_cast<float const*>(a.workspace + a.ws.dq_accum),
+                      a.dq.ptr,
+                      a.dq.batch_stride,
+                      a.dq.seq_stride,
+                      a.dq.head_stride};
+  dim3 grid((s.seqlen_q + K::kBlockM - 1) / K::kBlockM, s.heads_q, s.batch);
+  dq_postprocess_tiles<K><<<grid, DqTileArgs::kThreads, 0, stream>>>(pa);
+  return cudaGetLastError();
+}
+
 template <typename Element, int kDqk, int kDv>
 cudaError_t launch_bwd(BwdArgs const& a, cudaStream_t stream) {
   if constexpr (kBwdV5Supported<kDqk, kDv>) {
-    if (bwd_v5_applies<Element, kDqk, kDv>(a)) return launch_bwd_v5<Element, kDqk, kDv>(a, stream);
+    // ws.dq_tile_rows is set exactly when params.h's bwd_v7_applies holds: the workspace holds
+    // the per-tile accumulator, which only v7 fills.
+    if (a.ws.dq_tile_rows != 0) return launch_bwd_v7<Element, kDqk, kDv>(a, stream);
+    if (bwd_v5_applies<Element, kDqk, kDv>(a)) {
+      DqMode const mode = a.bwd_version == kBwdTimingV5NoDqAdd    ? DqMode::kSkip
+                          : a.bwd_version == kBwdTimingV5NoReduce ? DqMode::kStageOnly
+                                                                  : DqMode::kReduce;
+      return launch_bwd_v5<BwdKernelV5<Element, kDqk, kDv>>(a, mode, stream);
+    }
   }
+  if (a.ws.dq_tile_rows != 0) return cudaErrorInvalidValue;  // bwd_v7_applies: never here
   if constexpr (kBwdD256Supported<kDqk, kDv>) {
     if (a.bwd_version == kBwdV6 && !a.s.deterministic) return launch_bwd_d256<Element>(a, stream);
   }

@@ -1,7 +1,9 @@
-// Backward attention v5: dV = Pᵀ·dO, dK = scale·dSᵀ·Q on chip per 128-key block, dQ += scale·dS·K.
+// Backward v5/v7: dV = Pᵀ·dO, dK = scale·dSᵀ·Q on chip per 128-key block, dQ += scale·dS·K.
 // Tile 128 keys × 64 queries (hd128) or × 128 queries (hd64), one 64-key chain per warpgroup; K/V
-// once per CTA, Q/dO/lse/dpsum 2-stage ring; dQ staged in 2 fp32 smem buffers, a bulk reduce a row.
-// Target sm_90a (wgmma RS/SS, TMA, bulk reduce, setmaxnreg); hd64 and hd128 (launcher: else v2).
+// once per CTA, Q/dO/lse/dpsum 2-stage ring; dQ staged in 2 fp32 smem buffers, reduced into an
+// fp32 accumulator by bulk reduces: v5 one per row (row layout), v7 one per warpgroup half (tile
+// layout, fragment order; its postprocess is here too). Target sm_90a (wgmma RS/SS, TMA, bulk
+// reduce, setmaxnreg); hd64 and hd128 (launcher: else v2).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -202,11 +204,17 @@ __device__ __forceinline__ void store_rows(Acc const& acc, Coord const& coord, E
 }
 
 
-template <typename Element_, int kDqk_, int kDv_>
-struct BwdKernelV5 {
+// kTileDq (v7): the workspace's dQ accumulator holds one contiguous tile per (query tile, head), in
+// the order of DqTileLayout, so each consumer thread stages its fragment as 16-byte vectors at
+// consecutive addresses across the warp and the writer adds each warpgroup's half with one bulk
+// reduce; without it (v5) the accumulator is row-major like dq and each row is its own reduce.
+// The chain is the same code either way. BwdKernelV5 and BwdKernelV7 below name the two.
+template <typename Element_, int kDqk_, int kDv_, bool kTileDq_>
+struct BwdKernelV5Impl {
   using Element = Element_;
   static constexpr int kDqk = kDqk_;
   static constexpr int kDv = kDv_;
+  static constexpr bool kTileDq = kTileDq_;
   static_assert(kBwdV5Supported<kDqk, kDv>, "v5 is written for hd64 and hd128");
   // At hd64 a 64-query step would halve the FLOPs per step while the exp work per score and the
   // per-step barriers and waits stay: 128 queries keep hd128's 10.5 MFLOP per step, with the
@@ -299,19 +307,40 @@ struct BwdKernelV5 {
   static constexpr uint32_t kBytesKV = kBlockN * (kDqk + kDv) * sizeof(Element);
   static constexpr uint32_t kBytesQdO = kBlockM * (kDqk + kDv) * sizeof(Element);
 
-  // dQ staging: a row of the tile (both warpgroups' halves at hd128) leaves in one bulk reduce.
-  // Rows padded by 8 floats: the float2 stores of a half-warp (4 rows × 8 columns) then hit 32
-  // distinct banks, and each row stays 16-byte aligned for the bulk copy.
+  // dQ staging, v5: a row of the tile (both warpgroups' halves at hd128) leaves in one bulk
+  // reduce. Rows padded by 8 floats: the float2 stores of a half-warp (4 rows × 8 columns) then hit
+  // 32 distinct banks, and each row stays 16-byte aligned for the bulk copy.
   static constexpr int kDqBufs = 2;
   static constexpr int kStageStride = kDqk + 8;
-  static constexpr int kStageFloats = kBlockM * kStageStride;
+  // v7: the tile unpadded in DqTileLayout order (below), the same order as in global memory.
+  static constexpr int kTileFloats = kBlockM * kDqk;
+  static constexpr int kStageFloats = kTileDq ? kTileFloats : kBlockM * kStageStride;
   // One writer warp per 64 rows of the tile, so each issues hd128's 2 reduces per lane per step.
+  // v7 needs one writer thread (lane 0 of warp 1): two bulk reduces per step.
   static constexpr int kWriterWarps = kBlockM / 64;
   static_assert(kWriterWarps == 1 || kWriterWarps == 2, "writer warps are warps 1 and 3");
+  // dq_full: v5 one barrier per buffer (all 8 consumer warps arrive); v7 one per buffer and
+  // warpgroup half (its 4 warps arrive), so the writer starts on a half as soon as it is staged.
+  static constexpr int kDqFullBars = kTileDq ? 2 * kDqBufs : kDqBufs;
+  static constexpr int kDqFullArrivals = kTileDq ? kConsumerWarps / 2 : kConsumerWarps;
+  static constexpr int kDqEmptyArrivals = kTileDq ? 1 : kWriterWarps;
+
+  // v7's tile order: warpgroup w's half (kDqRows × kChunk cells) is the 4096 floats at w·4096, its
+  // thread t's fragment element e at (e % 4) + 4·t + 512·(e / 4) within it: a thread's 4
+  // consecutive fragment elements form one 16-byte vector, and the 32 lanes of a warp store 32
+  // consecutive vectors (each quarter-warp 128 contiguous bytes: all 32 banks once). Which cell
+  // fragment element e of thread t holds is the dQ TiledMMA's own partition (dq_cell).
+  static constexpr int kFragFloats = kDqRows * kChunk / 128;  // accdQ per thread
+  static constexpr int kHalfFloats = kDqRows * kChunk;
+  static_assert(kFragFloats % 4 == 0 && 2 * kHalfFloats == kTileFloats);
+  using DqTileLayout = Layout<Shape<_4, _128, Int<kFragFloats / 4>, _2>,
+                              Stride<_1, _4, Int<4 * 128>, Int<kHalfFloats>>>;
 
   // hd128: 128 KiB K/V/Q/dO + 16 KiB dS + 2 × 34 KiB staging + 1 KiB lse/dpsum = 214 KiB with
   // alignment (a second dS buffer would need 229 KiB, over the 227 KiB limit). hd64: 96 KiB +
-  // 32 KiB dS + 2 × 36 KiB + 2 KiB = 203 KiB (a second dS buffer: 235 KiB).
+  // 32 KiB dS + 2 × 36 KiB + 2 KiB = 203 KiB (a second dS buffer: 235 KiB). v7's unpadded
+  // staging (2 × 32 KiB) gives 210 KiB at hd128 (a second dS buffer would fit: 226 KiB) and
+  // 195 KiB at hd64.
   struct SharedStorage {
     cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
@@ -325,8 +354,8 @@ struct BwdKernelV5 {
     uint64_t kv_full;
     uint64_t q_full[kStages];
     uint64_t q_empty[kStages];
-    uint64_t dq_full[kDqBufs];   // one arrival per consumer warp
-    uint64_t dq_empty[kDqBufs];  // one arrival per writer warp
+    uint64_t dq_full[kDqFullBars];  // one arrival per consumer warp (v7: of one warpgroup)
+    uint64_t dq_empty[kDqBufs];     // one arrival per writer warp (v7: the writer thread)
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
@@ -372,8 +401,9 @@ struct BwdKernelV5 {
       }
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kDqBufs; ++i) {
-        Barrier::init(&ss.dq_full[i], kConsumerWarps);
-        Barrier::init(&ss.dq_empty[i], kWriterWarps);
+        Barrier::init(&ss.dq_full[i], kDqFullArrivals);
+        if constexpr (kTileDq) Barrier::init(&ss.dq_full[kDqBufs + i], kDqFullArrivals);
+        Barrier::init(&ss.dq_empty[i], kDqEmptyArrivals);
       }
       cutlass::arch::fence_barrier_init();
     }
@@ -383,7 +413,10 @@ struct BwdKernelV5 {
       cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
       if (m_lo <= m_hi) {
         if (threadIdx.x == 0) {
-          produce_kv_qdo<BwdKernelV5>(p, ss, seq, n_block, hk, m_lo, m_hi);
+          produce_kv_qdo<BwdKernelV5Impl>(p, ss, seq, n_block, hk, m_lo, m_hi);
+        } else if constexpr (kTileDq) {
+          if (threadIdx.x == 32 && p.dq_mode != DqMode::kSkip) write_dq_tiles(p, ss);
+          if (threadIdx.x / 32 == 2) load_stats(p, ss);
         } else if ((threadIdx.x / 32 == 1 || (kWriterWarps == 2 && threadIdx.x / 32 == 3)) &&
                    p.dq_mode != DqMode::kSkip) {
           write_dq(p, ss);
@@ -411,7 +444,7 @@ struct BwdKernelV5 {
     int m_lo, m_hi;
     band.query_blocks(n_block * kBlockN, min(n_block * kBlockN + kBlockN, seq.len_k) - 1, kBlockM,
                       m_lo, m_hi);
-    load_stats_rows<BwdKernelV5>(p, ss, seq, lane, n_block, hk, b, m_lo, m_hi);
+    load_stats_rows<BwdKernelV5Impl>(p, ss, seq, lane, n_block, hk, b, m_lo, m_hi);
   }
 
   // A dQ-writer warp: walks the consumers' step order; writer warp x (0: warp 1, 1: warp 3) takes
@@ -479,6 +512,80 @@ struct BwdKernelV5 {
     }
     // The CTA's shared memory must outlive the bulk reduces still reading it.
     bulk_wait_all();
+  }
+
+  // v7's writer: one thread (lane 0 of warp 1) walks the consumers' step order and adds each
+  // staged half to its tile with one bulk reduce of kHalfFloats floats, as soon as that half's
+  // warpgroup has arrived on dq_full; the buffer is released one step late, as in write_dq. The
+  // whole tile is added, rows past the sequence included (they hold zeros: P = 0 there), into the
+  // sequence's own tiles (dq_first_tile), which no other sequence touches.
+  static __device__ __forceinline__ void write_dq_tiles(Params const& p, SharedStorage& ss) {
+    static_assert(kDqBufs == 2, "two buffers");
+    int const n_block = blockIdx.x;
+    int const hk = blockIdx.y;
+    int const b = blockIdx.z;
+    SeqInfo const seq(p.s, b);
+    BandMask const band{seq.off, p.s.window_left, p.s.window_right, seq.len_q, seq.len_k};
+    int m_lo, m_hi;
+    band.query_blocks(n_block * kBlockN, min(n_block * kBlockN + kBlockN, seq.len_k) - 1, kBlockM,
+                      m_lo, m_hi);
+    int const count = m_hi - m_lo + 1;
+    int const group = p.s.heads_q / p.s.heads_k;
+    int const total = group * count;
+    int64_t const tile_stride = int64_t(p.s.heads_q) * kTileFloats;
+    bool const reduce = p.dq_mode == DqMode::kReduce;
+    float* head_base = p.dq_accum + dq_tile_offset(p.s, b, seq.start_q, 0, hk * group);
+    int m = m_lo + n_block % count;
+    int i = 0;
+    uint32_t const stage0 = static_cast<uint32_t>(__cvta_generic_to_shared(ss.dq_stage.data()));
+    uint32_t const full0 = static_cast<uint32_t>(__cvta_generic_to_shared(&ss.dq_full[0]));
+    uint32_t const empty0 = static_cast<uint32_t>(__cvta_generic_to_shared(&ss.dq_empty[0]));
+    constexpr int kHalfBytes = kHalfFloats * int(sizeof(float));
+#pragma unroll 1
+    for (int step = 0; step < total; ++step) {
+      int const buf = step & 1;
+      uint32_t const parity = (step >> 1) & 1;
+      uint32_t const src = stage0 + buf * (kStageFloats * int(sizeof(float)));
+      float* const dst = head_base + m * tile_stride;
+      wait_parity(full0 + 8 * (2 * buf), parity);
+      if (reduce) bulk_reduce_add_f32_s(dst, src, kHalfBytes);
+      wait_parity(full0 + 8 * (2 * buf + 1), parity);
+      if (reduce) {
+        bulk_reduce_add_f32_s(dst + kHalfFloats, src + kHalfBytes, kHalfBytes);
+        bulk_commit();
+      }
+      if (step > 0) {
+        bulk_wait_read<1>();
+        arrive_shared(empty0 + 8 * (buf ^ 1));
+      }
+      m = m == m_hi ? m_lo : m + 1;
+      if (++i == count) {
+        i = 0;
+        head_base += kTileFloats;  // next head of the group: the next tile of the same row
+      }
+    }
+    bulk_wait_all();
+  }
+
+  // v7: float offset of the tile of query tile m of (sequence b, head h) in the accumulator
+  // (layout: params.h dq_first_tile).
+  static __host__ __device__ __forceinline__ int64_t dq_tile_offset(AttnShape const& s, int b,
+                                                                    int start_q, int m, int h) {
+    int64_t const t = dq_first_tile(s.cu_q != nullptr, b, start_q, s.seqlen_q, kBlockM) + m;
+    return (t * s.heads_q + h) * kTileFloats;
+  }
+
+  // v7: the (row, column) of the kBlockM × kDqk tile that fragment element e of thread t of
+  // warpgroup w holds after the dQ GEMM, from the same TiledMMA partition the consumer's accdQ
+  // comes from (the postprocess and the host-side check read it; nothing restates the wgmma
+  // accumulator layout by hand). hd128 splits dQ by columns, hd64 by rows.
+  static __host__ __device__ __forceinline__ cute::tuple<int, int> dq_cell(int w, int t, int e) {
+    MmaDQ mma;
+    auto const c = mma.get_thread_slice(t).partition_C(
+        make_identity_tensor(Shape<Int<kDqRows>, Int<kChunk>>{}))(e);
+    int const r = get<0>(c), col = get<1>(c);
+    return kDqSplitRows ? cute::make_tuple(kDqRows * w + r, col)
+                        : cute::make_tuple(r, kChunk * w + col);
   }
 
   // Elementwise work in two passes around the dPᵀ wait. Without softcap, pass 1 turns Sᵀ into
@@ -715,21 +822,35 @@ struct BwdKernelV5 {
           st.advance();
           if (p.dq_mode == DqMode::kSkip) continue;
 
-          // Hand the tile to the writer warps: at hd128 columns [64w, 64w + 64) of the shared
-          // 64 × 128 buffer, at hd64 rows [64w, 64w + 64) of the 128 × 64 one.
           int const sb = step & 1;
           Barrier::wait(&ss.dq_empty[sb], ((step >> 1) & 1) ^ 1);
-          float* const buf = ss.dq_stage.data() + sb * kStageFloats +
-                             (kDqSplitRows ? w * kDqRows * kStageStride : w * kChunk);
-          CUTLASS_PRAGMA_UNROLL
-          for (int e = 0; e < size(accdQ); e += 2) {
-            *reinterpret_cast<float2*>(buf + get<0>(cdQ(e)) * kStageStride + get<1>(cdQ(e))) =
-                make_float2(accdQ(e), accdQ(e + 1));
+          if constexpr (kTileDq) {
+            // v7: the fragment as it is, 16-byte vectors in DqTileLayout order (half w).
+            static_assert(decltype(size(accdQ))::value == kFragFloats);
+            float* const buf = ss.dq_stage.data() + sb * kStageFloats;
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < kFragFloats; e += 4) {
+              *reinterpret_cast<float4*>(buf + DqTileLayout{}(0, tid, e / 4, w)) =
+                  make_float4(accdQ(e), accdQ(e + 1), accdQ(e + 2), accdQ(e + 3));
+            }
+            cutlass::arch::fence_view_async_shared();
+            __syncwarp();
+            if (tid % 32 == 0) Barrier::arrive(&ss.dq_full[2 * sb + w]);
+          } else {
+            // Hand the tile to the writer warps: at hd128 columns [64w, 64w + 64) of the shared
+            // 64 × 128 buffer, at hd64 rows [64w, 64w + 64) of the 128 × 64 one.
+            float* const buf = ss.dq_stage.data() + sb * kStageFloats +
+                               (kDqSplitRows ? w * kDqRows * kStageStride : w * kChunk);
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < size(accdQ); e += 2) {
+              *reinterpret_cast<float2*>(buf + get<0>(cdQ(e)) * kStageStride + get<1>(cdQ(e))) =
+                  make_float2(accdQ(e), accdQ(e + 1));
+            }
+            // The writer's bulk reduces read the buffer through the async proxy.
+            cutlass::arch::fence_view_async_shared();
+            __syncwarp();
+            if (tid % 32 == 0) Barrier::arrive(&ss.dq_full[sb]);
           }
-          // The writer's bulk reduces read the buffer through the async proxy.
-          cutlass::arch::fence_view_async_shared();
-          __syncwarp();
-          if (tid % 32 == 0) Barrier::arrive(&ss.dq_full[sb]);
         }
       }
     }
@@ -744,11 +865,68 @@ struct BwdKernelV5 {
   }
 };
 
+// Distinct class names (not aliases) keep v5's kernel symbols as they were before v7 existed.
+template <typename Element, int kDqk, int kDv>
+struct BwdKernelV5 : BwdKernelV5Impl<Element, kDqk, kDv, false> {};
+template <typename Element, int kDqk, int kDv>
+struct BwdKernelV7 : BwdKernelV5Impl<Element, kDqk, kDv, true> {
+  static_assert(BwdKernelV5Impl<Element, kDqk, kDv, true>::kBlockM == bwd_v7_tile_rows(kDqk),
+                "the workspace size query sizes v7's tiles by bwd_v7_tile_rows");
+};
+
 template <class Kernel>
 __global__ void __launch_bounds__(Kernel::kThreads, 1)
     bwd_kernel_v5(CUTE_GRID_CONSTANT typename Kernel::Params const params) {
   extern __shared__ __align__(1024) char smem[];
   Kernel::run(params, smem);
+}
+
+// v7's postprocess: dq = scale · accumulator, one CTA per (query tile, head, sequence), thread
+// (w, t) reads the fragment that consumer thread t of warpgroup w staged (8 × 16 B, each load
+// coalesced across the warp) and writes its cells (dq_cell) as element pairs; rows past the
+// sequence are skipped. The fragment order is the kernel's (DqTileLayout, the dQ TiledMMA).
+struct DqTileArgs {
+  static constexpr int kThreads = 2 * 128;  // one per (consumer warpgroup, thread) fragment
+  AttnShape s;
+  float const* accum;
+  void* dq;
+  int64_t batch_stride, seq_stride, head_stride;
+};
+
+template <class Kernel>
+__global__ void __launch_bounds__(DqTileArgs::kThreads) dq_postprocess_tiles(DqTileArgs const a) {
+  using Element = typename Kernel::Element;
+  int const m = blockIdx.x;
+  int const h = blockIdx.y;
+  int const b = blockIdx.z;
+  SeqInfo const seq(a.s, b);
+  int const row0 = m * Kernel::kBlockM;
+  if (row0 >= seq.len_q) return;
+  int const w = threadIdx.x / 128;
+  int const t = threadIdx.x % 128;
+  float const* tile = a.accum + Kernel::dq_tile_offset(a.s, b, seq.start_q, m, h);
+  Element* out = static_cast<Element*>(a.dq) + int64_t(seq.tma_batch) * a.batch_stride +
+                 int64_t(seq.start_q) * a.seq_stride + int64_t(h) * a.head_stride;
+  float const scale = a.s.scale;
+  CUTLASS_PRAGMA_UNROLL
+  for (int v = 0; v < Kernel::kFragFloats / 4; ++v) {
+    float4 const x =
+        *reinterpret_cast<float4 const*>(tile + typename Kernel::DqTileLayout{}(0, t, v, w));
+    float const vals[4] = {x.x, x.y, x.z, x.w};
+    CUTLASS_PRAGMA_UNROLL
+    for (int k = 0; k < 4; k += 2) {
+      // Fragment elements 2j and 2j + 1 are neighbouring columns of one row (the m64nNk16
+      // accumulator's column pairs; checked on the host, NOTES-cuda.md v7), so they leave as one
+      // 4-byte pair.
+      auto const cell = Kernel::dq_cell(w, t, 4 * v + k);
+      int const row = row0 + get<0>(cell);
+      if (row < seq.len_q) {
+        alignas(4) Element pair[2] = {Element(vals[k] * scale), Element(vals[k + 1] * scale)};
+        *reinterpret_cast<uint32_t*>(out + int64_t(row) * a.seq_stride + get<1>(cell)) =
+            *reinterpret_cast<uint32_t*>(pair);
+      }
+    }
+  }
 }
 
 }  // namespace longflash::sm90

@@ -168,7 +168,8 @@ def test_empty_problem_is_a_no_op_without_device():
     assert forward(p) == _lib.LF_SUCCESS
 
 
-def test_workspace_sizes():
+def test_workspace_sizes(monkeypatch):
+    monkeypatch.delenv("LONGFLASH_CUDA_BWD", raising=False)  # the default (row-layout) accumulator
     dqk, dv, dt = compiled_any()
     p = params(head_dim_qk=dqk, head_dim_v=dv, dtype=dt)
     n = ctypes.c_size_t(7)
@@ -186,6 +187,65 @@ def test_workspace_sizes():
     assert lib.lf_attention_backward_workspace_size(ctypes.byref(p), None) == status(
         "LF_ERROR_INVALID_ARGUMENT"
     )
+
+
+def _a256(x: int) -> int:
+    return (x + 255) // 256 * 256
+
+
+def _bwd_bytes(p: _lib.Params) -> int:
+    n = ctypes.c_size_t(0)
+    assert lib.lf_attention_backward_workspace_size(ctypes.byref(p), ctypes.byref(n)) == 0
+    return n.value
+
+
+@pytest.mark.parametrize("d, rows", [(128, 64), (64, 128)])
+def test_workspace_sizes_v7_tile_accumulator(monkeypatch, d, rows):
+    """LONGFLASH_CUDA_BWD=v7 sizes dQ's accumulator per (query tile, head): dense sequences round
+    up to whole tiles, varlen takes floor(Tq / rows) + B tiles (params.h dq_first_tile); every
+    other variant, and v7 where it does not apply, keeps the row layout."""
+    dense_kw = dict(
+        batch=2, seqlen_q=300, seqlen_k=300, heads_q=4, heads_k=2, head_dim_qk=d, head_dim_v=d
+    )
+    stats = 2 * _a256(600 * 4 * 4)  # lse_log2 and dpsum, fp32 per (row, head)
+    row_layout = _a256(600 * 4 * d * 4) + stats
+    tile_layout = _a256(2 * -(-300 // rows) * 4 * rows * d * 4) + stats
+    for var, want in (
+        ("v5", row_layout),
+        ("v2", row_layout),
+        ("v7", tile_layout),
+        ("timing-v7-no-reduce", tile_layout),
+    ):
+        monkeypatch.setenv("LONGFLASH_CUDA_BWD", var)
+        assert _bwd_bytes(params(**dense_kw)) == want, var
+    monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v7")
+    det = _bwd_bytes(params(deterministic=1, **dense_kw))
+    assert row_layout < det < tile_layout  # deterministic runs v2: rows plus semaphores
+    lens = [63, 65, 0, 1, 128, 129, 200]
+    tq = sum(lens)
+    var_kw = dict(
+        batch=len(lens),
+        seqlen_q=max(lens),
+        seqlen_k=300,
+        heads_q=4,
+        heads_k=2,
+        head_dim_qk=d,
+        head_dim_v=d,
+        cu_seqlens_q=FAKE,
+        cu_seqlens_k=FAKE,
+        total_q=tq,
+        total_k=900,
+    )
+    stats = 2 * _a256(tq * 4 * 4)
+    tiles = tq // rows + len(lens)
+    assert _bwd_bytes(params(**var_kw)) == _a256(tiles * 4 * rows * d * 4) + stats
+    monkeypatch.delenv("LONGFLASH_CUDA_BWD")
+    assert _bwd_bytes(params(**var_kw)) == _a256(tq * 4 * d * 4) + stats
+    monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v7")
+    hd256 = dict(dense_kw, head_dim_qk=256, head_dim_v=256)
+    v7_256 = _bwd_bytes(params(**hd256))
+    monkeypatch.delenv("LONGFLASH_CUDA_BWD")
+    assert v7_256 == _bwd_bytes(params(**hd256))  # v7 does not apply at hd256
 
 
 def test_backward_checks_workspace_before_device():

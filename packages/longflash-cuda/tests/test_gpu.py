@@ -104,9 +104,9 @@ def test_cuda_graph_and_compile():
 
 @pytest.mark.parametrize(
     "variant,d",
-    # Each variant at the head dims where it is its own kernel (v5: hd64/hd128, v6: hd256); v2
-    # at hd256 too, as v6's reference path.
-    [(v, d) for v in ("v2", "v3", "v5") for d in (64, 128)] + [("v2", 256), ("v6", 256)],
+    # Each variant at the head dims where it is its own kernel (v5, v7: hd64/hd128, v6: hd256);
+    # v2 at hd256 too, as v6's reference path.
+    [(v, d) for v in ("v2", "v3", "v5", "v7") for d in (64, 128)] + [("v2", 256), ("v6", 256)],
 )
 @pytest.mark.parametrize(
     "nq,nk,hq,hk,causal,window",
@@ -119,8 +119,9 @@ def test_cuda_graph_and_compile():
     ],
 )
 def test_backward_variants_match_float64(monkeypatch, variant, d, nq, nk, hq, hk, causal, window):
-    """Every LONGFLASH_CUDA_BWD variant (v5: 128-key blocks, hd64 and hd128; v6: hd256) against
-    float64 autograd, with NaN-poisoned memory under the outputs so an unwritten element fails."""
+    """Every LONGFLASH_CUDA_BWD variant (v5: 128-key blocks, hd64 and hd128; v7: v5 with the
+    per-tile dQ accumulator; v6: hd256) against float64 autograd, with NaN-poisoned memory under
+    the outputs so an unwritten element fails."""
     from longflash.frontends import torch as lft
     from longflash_cuda import _lib, _torch
 
@@ -156,6 +157,86 @@ def test_backward_variants_match_float64(monkeypatch, variant, d, nq, nk, hq, hk
     for got, want in zip(grads, (qd.grad, kd.grad, vd.grad)):
         assert not torch.isnan(got).any()
         assert _rel(got, want) < 3e-2
+
+
+def _bwd_ref64(q, k, v, dout, scale, causal):
+    """float64 (dq, dk, dv) of one dense (1, N, H, D) problem, bottom-right causal or unmasked."""
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    s = torch.einsum("bqhd,bkhd->bhqk", qd, kd.repeat_interleave(g, 2)) * scale
+    if causal:
+        nq, nk = q.shape[1], k.shape[1]
+        i = torch.arange(nq, device=q.device)[:, None]
+        j = torch.arange(nk, device=q.device)[None, :]
+        s = s.masked_fill(j - i > nk - nq, -math.inf)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    torch.einsum("bhqk,bkhd->bqhd", p, vd.repeat_interleave(g, 2)).backward(dout.double())
+    return qd.grad, kd.grad, vd.grad
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize(
+    "lq,lk,hq,hk,causal",
+    [
+        # Sequence starts off the tile grid (64 rows at hd128, 128 at hd64), lengths one short
+        # of, at and one past a tile, an empty and a one-token sequence: v7 pads each sequence's
+        # tiles to floor(start / tile) + index, and the postprocess must skip the padded rows.
+        ([63, 65, 0, 1, 128, 129, 200], [70, 65, 9, 1, 128, 300, 200], 4, 2, True),
+        ([127, 1, 64, 256, 3], [127, 40, 64, 256, 500], 2, 1, False),
+    ],
+)
+def test_backward_v7_varlen_tiles_match_float64(monkeypatch, d, lq, lk, hq, hk, causal):
+    """LONGFLASH_CUDA_BWD=v7 on packed sequences whose starts and ends fall everywhere relative to
+    its dQ tiles, against float64 per sequence, NaN-poisoned so an unwritten dq row fails."""
+    from longflash.frontends import torch as lft
+    from longflash_cuda import _lib, _torch
+
+    if (d, d) not in _lib.compiled_head_dims(_lib.load()[0])["bfloat16"]:
+        pytest.skip(f"hd{d} bf16 is not in this build")
+    monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v7")
+    torch.manual_seed(0)
+    cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32).cuda()
+    cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32).cuda()
+    q = torch.randn(sum(lq), hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(sum(lk), hk, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(sum(lk), hk, d, device="cuda", dtype=torch.bfloat16)
+    call = lft.make_call(
+        q,
+        k,
+        v,
+        causal=causal,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max(lq),
+        max_seqlen_k=max(lk),
+    )
+    out, lse = _torch.forward(call, q, k, v)
+    dout = torch.randn_like(out)
+    poison = torch.full((1 << 26,), float("nan"), device="cuda")
+    del poison
+    dq, dk, dv = _torch.backward(call, dout, q, k, v, out, lse)
+    torch.cuda.synchronize()
+    want = [torch.zeros_like(x, dtype=torch.float64) for x in (q, k, v)]
+    for i in range(len(lq)):
+        qs, qe, ks, ke = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        if qe > qs and ke > ks:
+            a, b, c = _bwd_ref64(
+                q[None, qs:qe],
+                k[None, ks:ke],
+                v[None, ks:ke],
+                dout[None, qs:qe],
+                call.scale,
+                causal,
+            )
+            want[0][qs:qe], want[1][ks:ke], want[2][ks:ke] = a[0], b[0], c[0]
+    for got, ref in zip((dq, dk, dv), want):
+        assert not torch.isnan(got).any()
+        assert _rel(got, ref) < 3e-2
+    # Row by row too: a dq row of one sequence landing in another's would hide in the global norm.
+    for i in range(len(lq)):
+        qs, qe = int(cu_q[i]), int(cu_q[i + 1])
+        if qe > qs and want[0][qs:qe].norm() > 0:
+            assert _rel(dq[qs:qe], want[0][qs:qe]) < 3e-2
 
 
 def _fwd_ref64(q, k, v, scale, window, softcap):
