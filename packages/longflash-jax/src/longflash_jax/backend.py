@@ -118,12 +118,18 @@ class PallasBackend:
         return reasons
 
     def describe(self, call: AttentionCall) -> str:
-        """Which lowering runs this call's forward and why (shown by longflash.explain)."""
+        """Which lowering runs this call's forward and backward, and why (shown by
+        longflash.explain)."""
         if call.device not in self.capabilities.devices:
             return "Pallas interpreter (forward and backward)"
-        lowering, why = mosaic_route.choose(problem_of(call))
-        name = {"mosaic": "Mosaic GPU", "triton": "Triton"}[lowering]
-        return f"forward: {name} lowering ({why}); backward: Triton lowering"
+        p = problem_of(call)
+        names = {"mosaic": "Mosaic GPU", "triton": "Triton"}
+        fwd, fwd_why = mosaic_route.choose(p)
+        bwd, bwd_why = mosaic_route.choose_backward(p)
+        return (
+            f"forward: {names[fwd]} lowering ({fwd_why}); "
+            f"backward: {names[bwd]} lowering ({bwd_why})"
+        )
 
     def forward(self, call: AttentionCall, q: Any, k: Any, v: Any) -> tuple[Any, Any]:
         from longflash_jax import kernels

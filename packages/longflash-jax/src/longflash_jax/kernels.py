@@ -66,11 +66,26 @@ def backward(
     out: Any,
     lse: Any,
     tiles: Tiles | None = None,
+    lowering: str | None = None,
 ) -> tuple[Any, Any, Any]:
-    """(dq, dk, dv) of one call; ``tiles`` overrides tiles.json."""
+    """(dq, dk, dv) of one call; ``tiles`` overrides tiles.json's Triton tiles and
+    ``lowering`` ("triton" or "mosaic") the routing of mosaic_route.choose_backward."""
     p = problem_of(call)
     if p.empty:
         return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
+    if lowering is None:
+        lowering = "triton" if tiles is not None else mosaic_route.choose_backward(p)[0]
+    if lowering == "mosaic":
+        # Imported here: the Mosaic GPU API is never needed on a CPU or with an older jax.
+        from longflash_jax import mosaic_bwd
+
+        t = mosaic_route.mosaic_bwd_tiles(p)
+        mt = mosaic_bwd.MosaicBwdTiles(
+            dkdv=mosaic_bwd.MosaicTile(**t["dkdv"]),
+            dq=mosaic_bwd.MosaicTile(**t["dq"]),
+            fused=bool(t.get("fused", False)),
+        )
+        return mosaic_bwd.backward(p, mt, dout, q, k, v, out, lse)
     return _backward(p, tiles_for(p, tiles), *_cu(call), dout, q, k, v, out, lse)
 
 

@@ -5,9 +5,10 @@
 """Mosaic GPU forward kernel: warp-specialised, TMA-fed, ping-pong between two consumer WGs.
 
 Only the dense training shape lives here (see ``mosaic_route.reasons``): no window other than
-causal, no softcap, no varlen, Dqk = Dv in {64, 128, 256}. Everything else, and the whole
-backward, stays on the Triton-lowered kernels. This module imports the Mosaic GPU API at the
-top and is only imported when a call is routed to it (never on the CPU).
+causal, no softcap, no varlen, Dqk = Dv in {64, 128, 256}. Everything else stays on the
+Triton-lowered kernels (the backward has its own Mosaic kernels in mosaic_bwd.py, routed
+separately). This module imports the Mosaic GPU API at the top and is only imported when a
+call is routed to it (never on the CPU).
 
 Schedule per consumer warpgroup and key tile j (slot = j mod stages):
   wait K[slot] -> wgmma S = Q K^T (SS) -> rendezvous with the other WG -> release K[slot]
