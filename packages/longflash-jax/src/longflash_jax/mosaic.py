@@ -54,6 +54,42 @@ class MosaicTile:
     stages: int
 
 
+def swizzled() -> tuple[Any, ...]:
+    """SMEM transforms of every wgmma operand tile: a 128-byte swizzle over 64-element rows,
+    the layout wgmma reads without bank conflicts."""
+    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def stream_kv(
+    gmem: tuple[Any, Any],
+    smem: tuple[Any, Any],
+    full: tuple[Any, Any],
+    free: tuple[Any, Any],
+    b: Any,
+    kvh: Any,
+    bk: int,
+    stages: int,
+    n_load: Any,
+) -> None:
+    """The producer warpgroup's loop of the forward and the backward's dQ kernel: K/V tiles
+    0..n_load-1 of (batch b, KV head kvh), bk keys each, into a ring of ``stages`` slots;
+    slot j mod stages is refilled once both consumers released it (``free``), and ``full``
+    signals its arrival. Keys past Nk read as zeros (TMA out-of-bounds fill); the consumers'
+    masks drop them."""
+
+    @pl.loop(0, n_load)
+    def _load(j):
+        slot = lax.rem(j, jnp.int32(stages))
+        rows = (b, pl.ds(j * bk, bk), kvh)
+        for src, dst, bar, released in zip(gmem, smem, full, free):
+
+            @pl.when(j >= stages)
+            def _(released=released):
+                plgpu.barrier_wait(released.at[slot])
+
+            plgpu.copy_gmem_to_smem(src.at[rows], dst.at[slot], bar.at[slot])
+
+
 def _cdiv_nonneg(x: Any, d: int) -> Any:
     # lax.div truncates toward zero; clamping at 0 first makes it a floor division.
     x = lax.max(x, jnp.int32(0))
@@ -200,28 +236,20 @@ def forward_call(p: Problem, t: MosaicTile) -> Any:
         @pl.when(wg == CONSUMERS)
         def _producer():
             plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
-
-            @pl.loop(0, n_load)
-            def _load(j):
-                slot = lax.rem(j, jnp.int32(stages))
-                # Keys past Nk read as zeros (TMA out-of-bounds fill); the mask drops them.
-                rows = (b, pl.ds(j * bk, bk), kvh)
-
-                @pl.when(j >= stages)
-                def _():
-                    plgpu.barrier_wait(k_free.at[slot])
-
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
-
-                @pl.when(j >= stages)
-                def _():
-                    plgpu.barrier_wait(v_free.at[slot])
-
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+            stream_kv(
+                (k_ref, v_ref),
+                (k_smem, v_smem),
+                (k_bar, v_bar),
+                (k_free, v_free),
+                b,
+                kvh,
+                bk,
+                stages,
+                n_load,
+            )
 
     def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
-        # 128-byte swizzle over 64-element rows: the layout wgmma reads without bank conflicts.
-        tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        tr = swizzled()
         scratch = (
             plgpu.SMEM((CONSUMERS, bq, d), dtype, transforms=tr),
             plgpu.SMEM((stages, bk, d), dtype, transforms=tr),

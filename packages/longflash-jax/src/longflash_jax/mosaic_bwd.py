@@ -63,6 +63,8 @@ from longflash_jax.mosaic import (
     MosaicTile,
     _cdiv_nonneg,
     _key_tiles,
+    stream_kv,
+    swizzled,
 )
 from longflash_jax.problem import Problem
 
@@ -98,11 +100,6 @@ def preprocess(p: Problem, t: MosaicBwdTiles, do: Any, out: Any, lse: Any) -> An
         lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, pad)), constant_values=jnp.inf)
         delta = jnp.pad(delta, ((0, 0), (0, 0), (0, pad)))
     return jnp.stack([lse2, delta], axis=2)
-
-
-def _swizzled() -> tuple[Any, ...]:
-    # 128-byte swizzle over 64-element rows: the layout wgmma reads without bank conflicts.
-    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
 def _query_tiles(p: Problem, t: MosaicTile, kw: Any) -> tuple[Any, Any]:
@@ -301,15 +298,15 @@ def dkdv_call(p: Problem, t: MosaicTile, fused: bool = False) -> Any:
 
     def entry(q_ref, k_ref, v_ref, do_ref, st_ref, dk_ref, dv_ref, dq_ref=None):
         scratch = [
-            plgpu.SMEM((CONSUMERS, bk, d), dtype, transforms=_swizzled()),
-            plgpu.SMEM((CONSUMERS, bk, d), dtype, transforms=_swizzled()),
-            plgpu.SMEM((stages, bq, d), dtype, transforms=_swizzled()),
-            plgpu.SMEM((stages, bq, d), dtype, transforms=_swizzled()),
+            plgpu.SMEM((CONSUMERS, bk, d), dtype, transforms=swizzled()),
+            plgpu.SMEM((CONSUMERS, bk, d), dtype, transforms=swizzled()),
+            plgpu.SMEM((stages, bq, d), dtype, transforms=swizzled()),
+            plgpu.SMEM((stages, bq, d), dtype, transforms=swizzled()),
             plgpu.SMEM((stages, 2, bq), jnp.float32),
         ]
         if fused:
             scratch += [
-                plgpu.SMEM((CONSUMERS, bk, bq), dtype, transforms=_swizzled()),
+                plgpu.SMEM((CONSUMERS, bk, bq), dtype, transforms=swizzled()),
                 plgpu.SMEM((CONSUMERS, bq, d), jnp.float32),
             ]
         bars = (
@@ -476,31 +473,25 @@ def dq_call(p: Problem, t: MosaicTile) -> Any:
         @pl.when(wg == CONSUMERS)
         def _producer():
             plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
-
-            @pl.loop(0, n_load)
-            def _load(j):
-                slot = lax.rem(j, jnp.int32(stages))
-                rows = (b, pl.ds(j * bk, bk), kvh)
-
-                @pl.when(j >= stages)
-                def _():
-                    plgpu.barrier_wait(k_free.at[slot])
-
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
-
-                @pl.when(j >= stages)
-                def _():
-                    plgpu.barrier_wait(v_free.at[slot])
-
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+            stream_kv(
+                (k_ref, v_ref),
+                (k_smem, v_smem),
+                (k_bar, v_bar),
+                (k_free, v_free),
+                b,
+                kvh,
+                bk,
+                stages,
+                n_load,
+            )
 
     def entry(*refs):
         scratch = (
-            plgpu.SMEM((CONSUMERS, bq, d), dtype, transforms=_swizzled()),
-            plgpu.SMEM((CONSUMERS, bq, d), dtype, transforms=_swizzled()),
+            plgpu.SMEM((CONSUMERS, bq, d), dtype, transforms=swizzled()),
+            plgpu.SMEM((CONSUMERS, bq, d), dtype, transforms=swizzled()),
             plgpu.SMEM((CONSUMERS, 2, bq), jnp.float32),
-            plgpu.SMEM((stages, bk, d), dtype, transforms=_swizzled()),
-            plgpu.SMEM((stages, bk, d), dtype, transforms=_swizzled()),
+            plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled()),
+            plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled()),
         )
         bars = (
             plgpu.Barrier(num_barriers=CONSUMERS),
