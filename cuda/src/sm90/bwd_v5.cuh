@@ -430,6 +430,15 @@ struct BwdKernelV5Impl {
     }
   }
 
+  // The query blocks [m_lo, m_hi] that see key block n_block of `seq`: the CTA's steps. The
+  // producer-warpgroup roles recompute it rather than receive it from run() (see load_stats).
+  static __device__ __forceinline__ void query_range(Params const& p, SeqInfo const& seq,
+                                                     int n_block, int& m_lo, int& m_hi) {
+    BandMask const band{seq.off, p.s.window_left, p.s.window_right, seq.len_q, seq.len_k};
+    int const j0 = n_block * kBlockN;
+    band.query_blocks(j0, min(j0 + kBlockN, seq.len_k) - 1, kBlockM, m_lo, m_hi);
+  }
+
   // Warp 2: the stage statistics (load_stats_rows). Split from the TMA producer (warp 0, lane 0:
   // produce_kv_qdo) so that each warp's loop fits the producer warpgroup's 24 registers next to the
   // writer warps' code; the block geometry is recomputed here rather than passed in, as in the
@@ -440,10 +449,8 @@ struct BwdKernelV5Impl {
     int const hk = blockIdx.y;
     int const b = blockIdx.z;
     SeqInfo const seq(p.s, b);
-    BandMask const band{seq.off, p.s.window_left, p.s.window_right, seq.len_q, seq.len_k};
     int m_lo, m_hi;
-    band.query_blocks(n_block * kBlockN, min(n_block * kBlockN + kBlockN, seq.len_k) - 1, kBlockM,
-                      m_lo, m_hi);
+    query_range(p, seq, n_block, m_lo, m_hi);
     load_stats_rows<BwdKernelV5Impl>(p, ss, seq, lane, n_block, hk, b, m_lo, m_hi);
   }
 
@@ -462,10 +469,8 @@ struct BwdKernelV5Impl {
     int const n_block = blockIdx.x;
     int const hk = blockIdx.y;
     SeqInfo const seq(p.s, blockIdx.z);
-    BandMask const band{seq.off, p.s.window_left, p.s.window_right, seq.len_q, seq.len_k};
     int m_lo, m_hi;
-    band.query_blocks(n_block * kBlockN, min(n_block * kBlockN + kBlockN, seq.len_k) - 1, kBlockM,
-                      m_lo, m_hi);
+    query_range(p, seq, n_block, m_lo, m_hi);
     int const lane = threadIdx.x % 32;
     int const r0 = kWriterWarps == 1 ? lane : lane + (threadIdx.x / 32 == 3 ? 64 : 0);
     int const count = m_hi - m_lo + 1;
@@ -525,10 +530,8 @@ struct BwdKernelV5Impl {
     int const hk = blockIdx.y;
     int const b = blockIdx.z;
     SeqInfo const seq(p.s, b);
-    BandMask const band{seq.off, p.s.window_left, p.s.window_right, seq.len_q, seq.len_k};
     int m_lo, m_hi;
-    band.query_blocks(n_block * kBlockN, min(n_block * kBlockN + kBlockN, seq.len_k) - 1, kBlockM,
-                      m_lo, m_hi);
+    query_range(p, seq, n_block, m_lo, m_hi);
     int const count = m_hi - m_lo + 1;
     int const group = p.s.heads_q / p.s.heads_k;
     int const total = group * count;
