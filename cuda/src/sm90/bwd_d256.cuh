@@ -43,11 +43,13 @@ struct BwdKernelD256 {
   static constexpr int kConsumerRegs = 240;
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 168 * kThreads);
 
-  // Named barriers (0 is __syncthreads), 256 threads each.
+  // Named barriers (0 is __syncthreads), 256 threads each: both consumer warpgroups wait.
   static constexpr int kBarPReady = 1;   // P and P·(1−t²) of this step are in smem
   static constexpr int kBarDsReady = 2;  // dS of this step is in smem
-  static constexpr int kBarPFree = 3;    // warpgroup 1 is done reading this step's P tiles
-  static constexpr int kBarDsFree = 4;   // warpgroup 0 is done reading this step's dS
+  // The one-way hand-backs (warpgroup 1 is done reading this step's P tiles; warpgroup 0 is done
+  // reading this step's dS) are mbarriers in SharedStorage (p_free, ds_free). With named barriers
+  // split into bar.arrive + bar.sync, racecheck reported the g handoff as a race on the H200
+  // (benchmarks/NOTES-cuda.md, "v6 racecheck").
 
   using One = Layout<Shape<_1, _1, _1>>;
   // S = Q·Kᵀ and dP = dO·Vᵀ: 64 queries × 64 keys, K = 256, both operands K-major.
@@ -111,6 +113,8 @@ struct BwdKernelD256 {
     uint64_t kv_full;
     uint64_t q_full[kStages];
     uint64_t q_empty[kStages];
+    uint64_t p_free;   // 128 arrivals (warpgroup 1) per step but the last
+    uint64_t ds_free;  // 128 arrivals (warpgroup 0) per step but the last
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
@@ -151,6 +155,8 @@ struct BwdKernelD256 {
         Barrier::init(&ss.q_full[i], 1 + 32);  // the TMA lane + the stats warp's lanes
         Barrier::init(&ss.q_empty[i], kConsumerThreads);
       }
+      Barrier::init(&ss.p_free, 128);
+      Barrier::init(&ss.ds_free, 128);
       cutlass::arch::fence_barrier_init();
     }
     __syncthreads();
@@ -311,7 +317,7 @@ struct BwdKernelD256 {
               }
             }
             // Warpgroup 1's reads of the previous step's P (dV GEMM) and g (dS pass) are done.
-            if (step > 0) named_sync(kBarPFree, kConsumerThreads);
+            if (step > 0) Barrier::wait(&ss.p_free, (step - 1) & 1);
             CUTLASS_PRAGMA_UNROLL
             for (int e = 0; e < kAccElems; e += 2) {
               alignas(4) Element pair[2] = {Element(accS(e)), Element(accS(e + 1))};
@@ -338,7 +344,7 @@ struct BwdKernelD256 {
             // dS overwrites the buffer warpgroup 0's dK/dQ GEMMs of the previous step read.
             // (P and g are released by this warpgroup's arrival after its last wait below,
             // once its dV GEMM has read P too.)
-            if (step > 0) named_sync(kBarDsFree, kConsumerThreads);
+            if (step > 0) Barrier::wait(&ss.ds_free, (step - 1) & 1);
             CUTLASS_PRAGMA_UNROLL
             for (int e = 0; e < kAccElems; e += 2) {
               alignas(4) Element pair[2] = {Element(accS(e)), Element(accS(e + 1))};
@@ -353,16 +359,10 @@ struct BwdKernelD256 {
           warpgroup_fence_operand(accdV);
           warpgroup_fence_operand(accdK);
           warpgroup_fence_operand(accdQ);
-          // Pairs with the other warpgroup's wait before its next write; none after the last
-          // step, so no arrival is left pending at exit.
-          if (!last) {
-            // Constant ids: a register id makes ptxas reserve all 16 barriers.
-            if (w == 0) {
-              named_arrive(kBarDsFree, kConsumerThreads);
-            } else {
-              named_arrive(kBarPFree, kConsumerThreads);
-            }
-          }
+          // Pairs with the other warpgroup's wait before its next write (completion k of each
+          // mbarrier is step k's; a warpgroup is never a whole step ahead of the other, so the
+          // parity wait cannot alias). None after the last step.
+          if (!last) Barrier::arrive(w == 0 ? &ss.ds_free : &ss.p_free);
           Barrier::arrive(&ss.q_empty[st.index]);
           st.advance();
           float* const dq_tile = dq_rows + int64_t(hh) * kD + int64_t(i0) * row_stride;
