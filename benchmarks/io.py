@@ -88,8 +88,9 @@ class Tiles:
 
 def cuda_tiles(d: int) -> Tiles:
     # cuda/src/sm90/fwd.cuh: kBlockM = 128, kBlockN = 128 / 96 / 64 for d <= 128 / 192 / 256.
-    # Backward: the default v5 (bwd_v5.cuh) at d 64 and 128, 128 keys per CTA and 128 / 64
-    # queries per step; v2 elsewhere (params.h: kBwdBlockN = kBwdBlockM = 64).
+    # Backward: the default v7 (bwd_v5.cuh, v5's tiles) at d 64 and 128, 128 keys per CTA and
+    # 128 / 64 queries per step; v6 at d 256 (bwd_d256.cuh) and v2 elsewhere, both 64 keys and
+    # 64 queries per step (params.h: kBwdBlockN = kBwdBlockM = 64).
     # tests/test_io_model.py checks these against the headers.
     fwd_cols = 128 if d <= 128 else (96 if d <= 192 else 64)
     if d in (64, 128):

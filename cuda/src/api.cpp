@@ -261,15 +261,18 @@ lf_status cuda_fail(cudaError_t err, char const* what) {
 
 size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
-// Backward variant from LONGFLASH_CUDA_BWD ("v2", "v3", "v5", "v6" or "v7"; unset: v5). Read on
-// every call (cheap next to a launch) so a process can switch it for A/B timing. v5 covers hd64
-// and hd128 outside the deterministic mode; other calls that ask for it run v2. v4 was folded into
-// v5 (v5's chain is v4's with the dQ reduces handed to writer warps); "v4" selects the default.
+// Backward variant from LONGFLASH_CUDA_BWD ("v2", "v3", "v5", "v6" or "v7"; unset: kBwdDefault,
+// which is v7 at hd64/hd128 and v6 at hd256, params.h). Read on
+// every call (cheap next to a launch) so a process can switch it for A/B timing. v5 and v7 cover
+// hd64 and hd128 outside the deterministic mode; other calls that ask for them run v2. v4 was
+// folded into v5 (v5's chain is v4's with the dQ reduces handed to writer warps); "v4" selects v5.
 int bwd_version() {
-  // v5 is the default: on the H200 it passed every hd64/hd128 check and both sanitizers and runs
-  // 3.5-5.6x v2 (benchmarks/NOTES-cuda.md); the launcher sends the shapes it does not cover to v2.
+  // The default: v7 at hd64/hd128 (on the H200 every check, the shared suite through torch,
+  // memcheck and racecheck passed; 1.02-1.12x v5) and v6 at hd256 (every hd256 check and both
+  // sanitizers; 1.85-1.93x v2), benchmarks/NOTES-cuda.md "v6", "v7". The launcher sends the
+  // shapes neither covers to v2.
   char const* e = std::getenv("LONGFLASH_CUDA_BWD");
-  if (e == nullptr || *e == '\0') return 5;
+  if (e == nullptr || *e == '\0') return kBwdDefault;
   if (std::strcmp(e, "v2") == 0 || std::strcmp(e, "2") == 0) return 2;
   if (std::strcmp(e, "v3") == 0 || std::strcmp(e, "3") == 0) return 3;
   if (std::strcmp(e, "timing-no-dq-add") == 0) return kBwdTimingNoDqAdd;
@@ -282,7 +285,8 @@ int bwd_version() {
   // size query reads the variable too: its accumulator is sized per tile.
   if (std::strcmp(e, "v7") == 0 || std::strcmp(e, "7") == 0) return kBwdV7;
   if (std::strcmp(e, "timing-v7-no-reduce") == 0) return kBwdTimingV7NoReduce;
-  return 5;
+  if (std::strcmp(e, "v4") == 0 || std::strcmp(e, "4") == 0) return 5;
+  return kBwdDefault;
 }
 
 // Forward variant from LONGFLASH_CUDA_FWD ("v3", or "v3-no-pingpong" / "v3-emu" for A/B timing;

@@ -72,8 +72,9 @@ struct BwdArgs {
   BwdWorkspace ws;
   // 2 = 64-key blocks, dQ by per-thread REDs; 3 = the same with smem staging + TMA bulk reduce;
   // 5 = 128-key blocks, one warpgroup per 64 keys, dQ reduces by writer warps (bwd_v5.cuh; hd64
-  // and hd128, else v2; the default); kBwdV6 = hd256 kernel of bwd_d256.cuh (opt-in, else v2);
-  // kBwdV7 = v5 with the per-tile dQ accumulator (ws.dq_tile_rows != 0 exactly when it runs).
+  // and hd128, else v2); kBwdV6 = hd256 kernel of bwd_d256.cuh (else v2); kBwdV7 = v5 with the
+  // per-tile dQ accumulator (hd64 and hd128, else v2; ws.dq_tile_rows != 0 exactly when it runs);
+  // kBwdDefault = v7 at hd64/hd128, v6 at hd256, v2 elsewhere.
   int bwd_version;
 };
 
@@ -84,11 +85,15 @@ constexpr int kBwdTimingNoDqAdd = -1;
 // reduces, or with the staging and the hand-over to the writer warp but no reduce (dQ wrong).
 constexpr int kBwdTimingV5NoDqAdd = -5;
 constexpr int kBwdTimingV5NoReduce = -6;
-// LONGFLASH_CUDA_BWD=v6: the hd256 backward of bwd_d256.cuh (not yet run on a GPU; opt-in only).
+// LONGFLASH_CUDA_BWD unset: the default, per head dim the variant that passed every check and
+// both sanitizers on the H200 and ran fastest there (NOTES-cuda.md "v6", "v7"): v7 at hd64 and
+// hd128, v6 at hd256; v2 at hd96/hd192 and in the deterministic mode (whose semaphore order is v2's).
+constexpr int kBwdDefault = 0;
+// LONGFLASH_CUDA_BWD=v6: the hd256 backward of bwd_d256.cuh (see NOTES-cuda.md "v6").
 constexpr int kBwdV6 = 6;
 // LONGFLASH_CUDA_BWD=v7: v5 with the dQ accumulator laid out per query tile (one bulk reduce per
-// warpgroup half and step instead of one per row); timing-v7-no-reduce stages and hands over
-// without reducing (dQ wrong). Not yet run on a GPU; opt-in only.
+// warpgroup half and step instead of one per row); the default since it passed on the H200
+// (NOTES-cuda.md "v7"). timing-v7-no-reduce stages and hands over without reducing (dQ wrong).
 constexpr int kBwdV7 = 7;
 constexpr int kBwdTimingV7NoReduce = -7;
 
@@ -96,7 +101,8 @@ constexpr int kBwdTimingV7NoReduce = -7;
 // the launcher both decide by this (through BwdWorkspace::dq_tile_rows), so the accumulator's
 // layout and the kernel that fills it cannot disagree.
 constexpr bool bwd_v7_applies(int version, int dqk, int dv, bool deterministic) {
-  return (version == kBwdV7 || version == kBwdTimingV7NoReduce) && dqk == dv &&
+  return (version == kBwdV7 || version == kBwdDefault || version == kBwdTimingV7NoReduce) &&
+         dqk == dv &&
          (dqk == 64 || dqk == 128) && !deterministic;
 }
 // Query rows of v7's step and dQ tile (the kernel's kBlockM; it static_asserts the two agree).

@@ -1,6 +1,7 @@
 // Host side of the sm90 backward: TMA descriptors and the launch of the main kernel (one CTA per
 // (key block, kv head, sequence)): v2/v3 (64 keys), v5 (128 keys, hd64/hd128), v6 (64 keys, hd256,
-// opt-in), v7 (v5 with the per-tile dQ accumulator, opt-in; launches its own postprocess). The
+// the default there), v7 (v5 with the per-tile dQ accumulator, the default at hd64/hd128; launches
+// its own postprocess). The
 // other preprocess/postprocess kernels live in aux_kernels.cu. Target: sm_90a.
 #pragma once
 
@@ -11,9 +12,8 @@
 
 namespace longflash::sm90 {
 
-// v5 takes the shapes it is written for (hd64, hd128) when asked for, and by default where it
-// has been validated, outside the deterministic mode (whose semaphore order is per 64-key
-// block); every other call runs v2/v3.
+// v5 takes the shapes it is written for (hd64, hd128) when asked for, outside the deterministic
+// mode (whose semaphore order is per 64-key block); every other call runs v2/v3.
 template <typename Element, int kDqk, int kDv>
 bool bwd_v5_applies(BwdArgs const& a) {
   return kBwdV5Supported<kDqk, kDv> &&
@@ -145,7 +145,10 @@ cudaError_t launch_bwd(BwdArgs const& a, cudaStream_t stream) {
   }
   if (a.ws.dq_tile_rows != 0) return cudaErrorInvalidValue;  // bwd_v7_applies: never here
   if constexpr (kBwdD256Supported<kDqk, kDv>) {
-    if (a.bwd_version == kBwdV6 && !a.s.deterministic) return launch_bwd_d256<Element>(a, stream);
+    // v6: asked for, or the default (params.h kBwdDefault); never deterministic.
+    if ((a.bwd_version == kBwdV6 || a.bwd_version == kBwdDefault) && !a.s.deterministic) {
+      return launch_bwd_d256<Element>(a, stream);
+    }
   }
   using K = BwdKernel<Element, kDqk, kDv>;
   AttnShape const& s = a.s;

@@ -169,7 +169,7 @@ def test_empty_problem_is_a_no_op_without_device():
 
 
 def test_workspace_sizes(monkeypatch):
-    monkeypatch.delenv("LONGFLASH_CUDA_BWD", raising=False)  # the default (row-layout) accumulator
+    monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v5")  # the row-layout accumulator (v7: below)
     dqk, dv, dt = compiled_any()
     p = params(head_dim_qk=dqk, head_dim_v=dv, dtype=dt)
     n = ctypes.c_size_t(7)
@@ -201,9 +201,9 @@ def _bwd_bytes(p: _lib.Params) -> int:
 
 @pytest.mark.parametrize("d, rows", [(128, 64), (64, 128)])
 def test_workspace_sizes_v7_tile_accumulator(monkeypatch, d, rows):
-    """LONGFLASH_CUDA_BWD=v7 sizes dQ's accumulator per (query tile, head): dense sequences round
-    up to whole tiles, varlen takes floor(Tq / rows) + B tiles (params.h dq_first_tile); every
-    other variant, and v7 where it does not apply, keeps the row layout."""
+    """v7 (the default, and LONGFLASH_CUDA_BWD=v7) sizes dQ's accumulator per (query tile, head):
+    dense sequences round up to whole tiles, varlen takes floor(Tq / rows) + B tiles (params.h
+    dq_first_tile); every other variant, and v7 where it does not apply, keeps the row layout."""
     if not lib.lf_has_kernel(d, d, _lib.LF_BFLOAT16):
         pytest.skip(f"hd{d} is not compiled in this build (LONGFLASH_HEAD_DIMS)")
     dense_kw = dict(
@@ -217,6 +217,7 @@ def test_workspace_sizes_v7_tile_accumulator(monkeypatch, d, rows):
         ("v2", row_layout),
         ("v7", tile_layout),
         ("timing-v7-no-reduce", tile_layout),
+        ("", tile_layout),  # unset: the default
     ):
         monkeypatch.setenv("LONGFLASH_CUDA_BWD", var)
         assert _bwd_bytes(params(**dense_kw)) == want, var
@@ -241,7 +242,7 @@ def test_workspace_sizes_v7_tile_accumulator(monkeypatch, d, rows):
     stats = 2 * _a256(tq * 4 * 4)
     tiles = tq // rows + len(lens)
     assert _bwd_bytes(params(**var_kw)) == _a256(tiles * 4 * rows * d * 4) + stats
-    monkeypatch.delenv("LONGFLASH_CUDA_BWD")
+    monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v5")
     assert _bwd_bytes(params(**var_kw)) == _a256(tq * 4 * d * 4) + stats
     # v7 does not apply at other head dims (the size query rejects dims this build lacks).
     for other in (96, 192, 256):
@@ -249,7 +250,7 @@ def test_workspace_sizes_v7_tile_accumulator(monkeypatch, d, rows):
             kw = dict(dense_kw, head_dim_qk=other, head_dim_v=other)
             monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v7")
             v7_size = _bwd_bytes(params(**kw))
-            monkeypatch.delenv("LONGFLASH_CUDA_BWD")
+            monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v5")
             assert v7_size == _bwd_bytes(params(**kw)), other
 
 

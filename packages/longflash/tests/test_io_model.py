@@ -91,7 +91,9 @@ def test_cuda_tiles_match_kernel_sources(io):
     assert re.search(r"kBwdBlockN = 64;", params) and re.search(r"kBwdBlockM = 64;", params)
     v5 = (REPO / "cuda/src/sm90/bwd_v5.cuh").read_text()
     assert "kBlockM = kDqk == 64 ? 128 : 64;" in v5 and "kBlockN = 128;" in v5
-    assert "kDqk == kDv && (kDqk == 64 || kDqk == 128)" in v5  # where v5 (the default) runs
+    assert "kDqk == kDv && (kDqk == 64 || kDqk == 128)" in v5  # where v5/v7 (the default) run
+    d256 = (REPO / "cuda/src/sm90/bwd_d256.cuh").read_text()  # v6, the default at d 256
+    assert "kBlockM = 64;" in d256 and "kBlockN = 64;" in d256
     assert [(io.cuda_tiles(d).kv_keys, io.cuda_tiles(d).kv_rows) for d in (64, 128, 256)] == [
         (128, 128),
         (128, 64),
