@@ -254,6 +254,42 @@ def test_workspace_sizes_v7_tile_accumulator(monkeypatch, d, rows):
             assert v7_size == _bwd_bytes(params(**kw)), other
 
 
+@pytest.mark.parametrize("variant", ["", "v5", "v7"])
+def test_jax_binding_sizes_a_varlen_workspace_as_varlen(monkeypatch, variant):
+    """The JAX binding sizes the workspace at trace time, before the cu_seqlens arrays exist; the
+    FFI handler's call then checks it against the size of the real varlen call. Found on the H200:
+    sized as the dense shape, every varlen backward under v7 (whose accumulator takes
+    floor(total_q / tile) + B tiles) failed with LF_ERROR_WORKSPACE."""
+    jnp = pytest.importorskip("jax.numpy")
+    from longflash.frontends import jax as lfj
+    from longflash_cuda import _jax, make_params
+
+    dqk, dv, dt = compiled_any()
+    if dqk != dv or dqk not in (64, 128):
+        pytest.skip("v7 covers hd64/hd128; this build has neither")
+    monkeypatch.setenv("LONGFLASH_CUDA_BWD", variant)
+    rows = 64 if dqk == 128 else 128
+    lens = [rows, rows, 0, 1]  # whole tiles, an empty and a one-row sequence
+    total = sum(lens)
+    dtype = jnp.bfloat16 if dt == _lib.LF_BFLOAT16 else jnp.float16
+    q = jnp.zeros((total, 4, dqk), dtype)
+    k = jnp.zeros((total, 2, dqk), dtype)
+    v = jnp.zeros((total, 2, dv), dtype)
+    cu = jnp.asarray([0, *[sum(lens[: i + 1]) for i in range(len(lens))]], jnp.int32)
+    call = lfj.make_call(
+        q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=rows, max_seqlen_k=rows
+    )
+    traced = _bwd_bytes(_jax.size_params(call))
+    assert traced == _bwd_bytes(make_params(call, cu_q=FAKE, cu_k=FAKE))  # the handler's call
+    stats = 2 * _a256(total * 4 * 4)
+    if variant == "v5":
+        assert traced == _a256(total * 4 * dqk * 4) + stats
+    else:  # v7, the default
+        tiles = total // rows + len(lens)
+        assert traced == _a256(tiles * 4 * rows * dqk * 4) + stats
+        assert traced > _bwd_bytes(make_params(call))  # what the dense-shaped sizing gave
+
+
 def test_backward_checks_workspace_before_device():
     dqk, dv, dt = compiled_any()
     p = params(head_dim_qk=dqk, head_dim_v=dv, dtype=dt)

@@ -48,6 +48,22 @@ def _register() -> None:
         _registered = True
 
 
+# Stands in for the cu_seqlens device arrays when the parameters are built at trace time (they do
+# not exist yet). lf_check_params and the workspace size queries read only whether the pointers
+# are set (varlen) and their 4-byte alignment, never what they point to; the FFI handler passes
+# the real arrays to the kernels.
+_TRACE_CU_SEQLENS = 1 << 40
+
+
+def size_params(call: AttentionCall, deterministic: bool = False):
+    """The C API's parameters for checking a call and sizing its workspace at trace time: the
+    handler's, except the cu_seqlens pointers. A varlen call must be sized as varlen: v7's dQ
+    accumulator takes floor(total_q / tile) + B tiles there, more than the dense shape's
+    B * ceil(max_seqlen_q / tile) when sequences fill whole tiles."""
+    cu = None if call.varlen is None else _TRACE_CU_SEQLENS
+    return make_params(call, cu_q=cu, cu_k=cu, deterministic=deterministic)
+
+
 def _workspace_bytes(query, params) -> int:
     lib = _lib_or_raise()
     n = ctypes.c_size_t(0)
@@ -80,7 +96,7 @@ def _cu(call: AttentionCall):
 def forward(call: AttentionCall, q, k, v):
     _register()
     lib = _lib_or_raise()
-    params = make_params(call)
+    params = size_params(call)
     _lib.check(lib, lib.lf_check_params(ctypes.byref(params)))
     ws = _workspace_bytes(lib.lf_attention_forward_workspace_size, params)
     if call.varlen is None:
@@ -102,7 +118,7 @@ def forward(call: AttentionCall, q, k, v):
 def backward(call: AttentionCall, dout, q, k, v, out, lse):
     _register()
     lib = _lib_or_raise()
-    params = make_params(call, deterministic=_DETERMINISTIC)
+    params = size_params(call, deterministic=_DETERMINISTIC)
     _lib.check(lib, lib.lf_check_params(ctypes.byref(params)))
     ws = _workspace_bytes(lib.lf_attention_backward_workspace_size, params)
     out_types = (
