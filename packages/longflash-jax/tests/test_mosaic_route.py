@@ -292,21 +292,24 @@ def test_backward_needs_hopper(monkeypatch):
     assert lowering == "triton" and "unavailable: no GPU visible" in why
 
 
-def test_shipped_table_keeps_every_backward_on_triton(monkeypatch, hopper):
-    """Nothing of the Mosaic backward is measured yet: auto never picks it."""
+def test_shipped_table_picks_the_measured_backward(monkeypatch, hopper):
+    """The H200 measured the Mosaic backward faster than Triton's at hd128 (causal and full):
+    auto picks it there; hd64 was never timed and stays on Triton."""
     monkeypatch.delenv(ENV, raising=False)
-    assert not [k for k in mosaic_route.table()["lowering"] if k.startswith("bwd-")]
-    for d in (64, 128):
-        for causal in (True, False):
-            lowering, why = mosaic_route.choose_backward(problem_of(_call(D=d, causal=causal)))
-            assert lowering == "triton" and "no Mosaic measurement for bwd-" in why
+    bwd_keys = {k for k in mosaic_route.table()["lowering"] if k.startswith("bwd-")}
+    assert bwd_keys == {"bwd-hd128-full", "bwd-hd128-causal"}
+    for causal in (True, False):
+        lowering, why = mosaic_route.choose_backward(problem_of(_call(D=128, causal=causal)))
+        assert lowering == "mosaic" and "measured faster for bwd-hd128-" in why
+        lowering, why = mosaic_route.choose_backward(problem_of(_call(D=64, causal=causal)))
+        assert lowering == "triton" and "no Mosaic measurement for bwd-hd64-" in why
 
 
 def test_shipped_backward_tiles_cover_64_and_128():
     for d in (64, 128):
         t = mosaic_route.mosaic_bwd_tiles(problem_of(_call(D=d)))
         assert set(t) == {"dkdv", "dq", "fused"}
-        assert t["fused"] is False  # not measured: the two-kernel backward is the default
+        assert t["fused"] is False  # measured slower on the H200: the two kernels are the default
         for kernel in (t["dkdv"], t["dq"]):
             assert set(kernel) == {"block_q", "block_k", "stages"}
             # wgmma M is 64 rows per warpgroup; N and K multiples of 16.
