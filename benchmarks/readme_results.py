@@ -91,7 +91,12 @@ def _cell(ms: dict[str, dict], name: str, peers: Iterable[str]) -> str:
     m = ms.get(name)
     if m is None:
         return "–"
-    ratios = [f"{m_p['ms'] / m['ms']:.2f}× {PEER_NAMES[p]}" for p in peers if (m_p := ms.get(p))]
+    # A ratio only against a peer timed in the same run (merged keeps each contender's latest).
+    ratios = [
+        f"{m_p['ms'] / m['ms']:.2f}× {PEER_NAMES[p]}"
+        for p in peers
+        if (m_p := ms.get(p)) and m_p["source"] == m["source"]
+    ]
     return f"{m['tflops']:.0f}" + (f" ({', '.join(ratios)})" if ratios else "")
 
 
@@ -157,7 +162,7 @@ def best_speedups(merged: dict[tuple[str, str], dict]) -> list[str]:
             pairs = [
                 (ms[peer]["ms"] / ms[name]["ms"], ms[name]["case_info"])
                 for ms in by_case.values()
-                if name in ms and peer in ms
+                if name in ms and peer in ms and ms[peer]["source"] == ms[name]["source"]
             ]
             if not pairs:
                 continue
