@@ -83,6 +83,27 @@ def test_table_reads_ratios_from_the_files(tmp_path, monkeypatch):
     assert "2.00–2.00× FA2" in text and "9.00–9.00× plain" in text
 
 
+def test_ratios_pair_only_contenders_of_one_run(tmp_path, monkeypatch):
+    """A later run without a peer must not be compared with that peer from an earlier process."""
+    monkeypatch.setattr(rr, "RESULTS", tmp_path)
+    _bench_doc(
+        tmp_path / "bench-a.json",
+        quick=False,
+        ms={"ours": 1.0, "sdpa-flash": 2.0, "naive": 9.0},
+        date="2026-01-01T00:00:00",
+    )
+    _bench_doc(
+        tmp_path / "bench-b.json",
+        quick=False,
+        ms={"ours": 0.5, "sdpa-flash": 2.0},
+        date="2026-01-02T00:00:00",
+    )
+    text = rr.render()
+    assert "| `ours` | 200 (4.00× FA2) |" in text  # the newer run, its own FA2
+    assert "4.00–4.00× FA2" in text
+    assert "plain" not in text.split("Across every case")[1].split("\n\n")[1]
+
+
 def test_stale_block_is_reported(tmp_path, monkeypatch):
     readme, page = tmp_path / "README.md", tmp_path / "benchmarks.md"
     readme.write_text(f"x\n{rr.BEGIN}\nold\n{rr.END}\ny\n")
