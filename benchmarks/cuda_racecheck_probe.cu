@@ -1,7 +1,7 @@
 // What does compute-sanitizer's racecheck accept as ordering between two warpgroups? A probe with
 // the v6 backward's (cuda/src/sm90/bwd_d256.cuh) handoff protocol and plain shared-memory loads and
 // stores only, so every access is one racecheck tracks. Three protocols, all race-free by the PTX
-// barrier semantics (the argument is in benchmarks/NOTES-cuda.md, "v6 racecheck"):
+// barrier semantics (the argument is in benchmarks/NOTES-cuda.md, "v6 measured"):
 //   split     the ready hand-overs by bar.sync on both sides, the free hand-backs by bar.arrive
 //             (reader) + bar.sync (writer): v6 as first written
 //   sync      the ready hand-overs alone (they already order a read of step s before the write

@@ -102,8 +102,7 @@ constexpr int kBwdTimingV7NoReduce = -7;
 // layout and the kernel that fills it cannot disagree.
 constexpr bool bwd_v7_applies(int version, int dqk, int dv, bool deterministic) {
   return (version == kBwdV7 || version == kBwdDefault || version == kBwdTimingV7NoReduce) &&
-         dqk == dv &&
-         (dqk == 64 || dqk == 128) && !deterministic;
+         dqk == dv && (dqk == 64 || dqk == 128) && !deterministic;
 }
 // Query rows of v7's step and dQ tile (the kernel's kBlockM; it static_asserts the two agree).
 constexpr int bwd_v7_tile_rows(int dqk) { return dqk == 64 ? 128 : 64; }

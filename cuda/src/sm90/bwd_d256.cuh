@@ -47,9 +47,10 @@ struct BwdKernelD256 {
   static constexpr int kBarPReady = 1;   // P and P·(1−t²) of this step are in smem
   static constexpr int kBarDsReady = 2;  // dS of this step is in smem
   // The one-way hand-backs (warpgroup 1 is done reading this step's P tiles; warpgroup 0 is done
-  // reading this step's dS) are mbarriers in SharedStorage (p_free, ds_free). With named barriers
-  // split into bar.arrive + bar.sync, racecheck reported the g handoff as a race on the H200
-  // (benchmarks/NOTES-cuda.md, "v6 racecheck").
+  // reading this step's dS) are mbarriers in SharedStorage (p_free, ds_free), which racecheck
+  // verifies. Named barriers split into bar.arrive + bar.sync order the same accesses, but
+  // racecheck reports them as races (benchmarks/cuda_racecheck_probe.cu; NOTES-cuda.md, "v6
+  // measured").
 
   using One = Layout<Shape<_1, _1, _1>>;
   // S = Q·Kᵀ and dP = dO·Vᵀ: 64 queries × 64 keys, K = 256, both operands K-major.

@@ -1,8 +1,8 @@
 // Host side of the sm90 backward: TMA descriptors and the launch of the main kernel (one CTA per
 // (key block, kv head, sequence)): v2/v3 (64 keys), v5 (128 keys, hd64/hd128), v6 (64 keys, hd256,
 // the default there), v7 (v5 with the per-tile dQ accumulator, the default at hd64/hd128; launches
-// its own postprocess). The
-// other preprocess/postprocess kernels live in aux_kernels.cu. Target: sm_90a.
+// its own postprocess). The other preprocess/postprocess kernels live in aux_kernels.cu.
+// Target: sm_90a.
 #pragma once
 
 #include "bwd.cuh"
