@@ -289,16 +289,34 @@ int bwd_version() {
   return kBwdDefault;
 }
 
-// Forward variant from LONGFLASH_CUDA_FWD ("v3", or "v3-no-pingpong" / "v3-emu" for A/B timing;
-// unset or anything else: the default). Read on every call like LONGFLASH_CUDA_BWD. v3 exists at hd64
-// only; other head dims run the default whatever this says.
+// Forward variant from LONGFLASH_CUDA_FWD = <kernel>[+grid]: <kernel> is "v3", or "v3-no-pingpong"
+// / "v3-emu" for A/B timing, or "default"; unset or unknown: the default. v3 exists at hd64 only;
+// other head dims run the default whatever this says. "+grid" (or "grid" alone) launches one CTA
+// per tile instead of the persistent grid, for A/B timing. Read on every call like
+// LONGFLASH_CUDA_BWD.
 int fwd_version() {
   char const* e = std::getenv("LONGFLASH_CUDA_FWD");
   if (e == nullptr || *e == '\0') return kFwdDefault;
-  if (std::strcmp(e, "v3") == 0 || std::strcmp(e, "3") == 0) return kFwdV3;
-  if (std::strcmp(e, "v3-no-pingpong") == 0) return kFwdV3NoPingPong;
-  if (std::strcmp(e, "v3-emu") == 0) return kFwdV3ExpEmu;
+  std::string const v(e, std::strcspn(e, "+"));
+  if (v == "v3" || v == "3") return kFwdV3;
+  if (v == "v3-no-pingpong") return kFwdV3NoPingPong;
+  if (v == "v3-emu") return kFwdV3ExpEmu;
   return kFwdDefault;
+}
+
+// The persistent grid's static schedule (fwd.cuh FwdTiles) is balanced only when every tile costs
+// the same: no causal/window band and no varlen. Elsewhere the hardware's dynamic CTA scheduling
+// wins: at hd128/hd256, N = 16K causal the static schedule measured 0.53-0.68x the one-CTA-per-tile
+// grid (benchmarks/NOTES-cuda.md, persistent forward). LONGFLASH_CUDA_FWD's "+grid" or
+// "+persistent" overrides the choice (A/B timing).
+bool fwd_persistent(AttnShape const& s) {
+  char const* e = std::getenv("LONGFLASH_CUDA_FWD");
+  if (e != nullptr) {
+    if (std::strcmp(e, "grid") == 0 || std::strstr(e, "+grid") != nullptr) return false;
+    if (std::strcmp(e, "persistent") == 0 || std::strstr(e, "+persistent") != nullptr) return true;
+  }
+  bool const equal_tiles = s.window_left < 0 && s.window_right < 0 && s.cu_q == nullptr;
+  return kFwdPersistentDefault && equal_tiles;
 }
 
 // The workspace of a call under backward variant `version`: v7's accumulator is per query tile
@@ -423,6 +441,7 @@ lf_status lf_attention_forward(const lf_attention_params* params, lf_tensor q, l
   }
   a.lse = lse;
   a.fwd_version = fwd_version();
+  a.fwd_persistent = fwd_persistent(a.s);
   if (p.batch == 0 || tokens_q(p) == 0) return ok();
   if ((st = check_device()) != LF_SUCCESS) return st;
   cudaStream_t const s = static_cast<cudaStream_t>(stream);

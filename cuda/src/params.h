@@ -43,12 +43,17 @@ struct FwdArgs {
   // kFwdV3NoPingPong: the same without the turn-taking; kFwdV3ExpEmu: v3 with 3/16 of the softmax
   // exponentials on the FMA pipe (both for A/B timing).
   int fwd_version;
+  // true: one CTA per SM walks the tiles (fwd.cuh FwdTiles). false: one CTA per tile (A/B only).
+  bool fwd_persistent;
 };
 
 constexpr int kFwdDefault = 2;
 constexpr int kFwdV3 = 3;
 constexpr int kFwdV3NoPingPong = -3;
 constexpr int kFwdV3ExpEmu = 4;
+// The forward's grid when LONGFLASH_CUDA_FWD names none: persistent (one CTA per SM) for calls
+// whose tiles all cost the same (api.cpp fwd_persistent), else one CTA per tile.
+constexpr bool kFwdPersistentDefault = true;
 
 // Workspace layout of the backward (offsets in bytes from the workspace base; 256-aligned).
 struct BwdWorkspace {

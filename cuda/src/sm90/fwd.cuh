@@ -1,5 +1,7 @@
 // Forward attention: out = softmax(mask(softcap(scale·Q·Kᵀ)))·V, lse = log-sum-exp of each query row.
-// Tile 64·kConsumerWGs queries × kBlockN keys; Q read once per CTA, K/V (kStages TMA ring) once per query block.
+// Tile 64·kConsumerWGs queries × kBlockN keys; Q read once per tile, K/V (kStages TMA ring) once per query block.
+// Persistent: a grid of one CTA per SM walks the tiles heaviest first (FwdTiles), so the next tile's
+// Q and K/V loads run under the current tile's last products and epilogue.
 // Target sm_90a: TMA, wgmma, producer WG + 2 (default) or 3 (hd64 v3) consumer WGs, softmax overlapped with P·V.
 #pragma once
 
@@ -27,6 +29,39 @@ __device__ __forceinline__ float exp2_fma(float x) {
   // (bits(t) << 23) == round(x) << 23: the 1.5 * 2^23 part shifts out of the word.
   return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
 }
+
+// The forward's tiles (query block, head, sequence) in the order CTAs take them: head by head
+// (heads fastest, then sequences, so a GQA group's heads are neighbours), and within one head the
+// query blocks from the last to the first (under a causal mask the last blocks see the most keys).
+// The CTAs running at one time then share the K/V of a few heads in L2; an order that runs every
+// head's heaviest block first streams each CTA's own K/V from HBM and measured ~10% slower at
+// hd128, N = 4K. Round r hands tiles [r·G, (r+1)·G) to the G CTAs, in reverse CTA order on odd
+// rounds (a snake), so that a CTA that took heavy tiles in one round takes lighter ones in the
+// next. With one CTA per tile (G = tile count) this is a single round, the classic grid.
+struct FwdTiles {
+  int m_blocks, heads, total;
+
+  __device__ __forceinline__ FwdTiles(AttnShape const& s, int block_m)
+      : m_blocks((s.seqlen_q + block_m - 1) / block_m),
+        heads(s.heads_q),
+        total(m_blocks * s.heads_q * s.batch) {}
+
+  __device__ __forceinline__ int rounds() const {
+    return (total + int(gridDim.x) - 1) / int(gridDim.x);
+  }
+
+  // False when round r has no tile for this CTA (the last round is partial).
+  __device__ __forceinline__ bool get(int r, int& m_block, int& h, int& b) const {
+    int const c = (r & 1) ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+    int const idx = r * int(gridDim.x) + c;
+    if (idx >= total) return false;
+    m_block = m_blocks - 1 - idx % m_blocks;
+    int const hb = idx / m_blocks;
+    h = hb % heads;
+    b = hb / heads;
+    return true;
+  }
+};
 
 // kConsumerWGs_ = 2 is the default forward at every head dim (FwdKernel below). 3 is the hd64 v3
 // variant (FwdKernelV3): 192 queries per CTA, so each K/V tile feeds three softmax chains and the
@@ -103,6 +138,7 @@ struct FwdKernelBase {
     cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
     uint64_t bar_q;
+    uint64_t q_empty;  // the consumers' last QKᵀ of a tile is done: Q may be overwritten
     uint64_t k_full[kStages];
     uint64_t k_empty[kStages];
     uint64_t v_full[kStages];
@@ -124,22 +160,27 @@ struct FwdKernelBase {
     float softcap_scale;  // scale / softcap
   };
 
+  // The tile's query rows [i0, i0 + kBlockM) of sequence b and its key blocks [n_lo, n_hi]
+  // (empty: n_lo > n_hi). False when the sequence has no row in the tile (varlen: shorter than
+  // the grid's longest). Producer and consumers call it with the same tile, so they agree on
+  // which tiles load Q and how many K/V blocks each walks.
+  static __device__ __forceinline__ bool tile_keys(Params const& p, int m_block, int b,
+                                                   SeqInfo& seq, BandMask& band, int& n_lo,
+                                                   int& n_hi) {
+    seq = SeqInfo(p.s, b);
+    int const i0 = m_block * kBlockM;
+    if (i0 >= seq.len_q) return false;
+    band = BandMask{seq.off, p.s.window_left, p.s.window_right, seq.len_q, seq.len_k};
+    band.key_blocks(i0, min(i0 + kBlockM, seq.len_q) - 1, kBlockN, n_lo, n_hi);
+    return true;
+  }
+
   static __device__ __forceinline__ void run(Params const& p, char* smem_raw) {
     SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
     int const wg = threadIdx.x / 128;
-    // Reverse order: under a causal mask the last query blocks have the most keys; start them first.
-    int const m_block = gridDim.x - 1 - blockIdx.x;
-    int const h = blockIdx.y;
-    int const b = blockIdx.z;
-    SeqInfo const seq(p.s, b);
-    int const i0 = m_block * kBlockM;
-    if (i0 >= seq.len_q) return;  // varlen: this sequence is shorter than the grid
-    BandMask const band{seq.off, p.s.window_left, p.s.window_right, seq.len_q, seq.len_k};
-    int n_lo, n_hi;
-    band.key_blocks(i0, min(i0 + kBlockM, seq.len_q) - 1, kBlockN, n_lo, n_hi);
-
     if (threadIdx.x == 0) {
       Barrier::init(&ss.bar_q, 1);
+      Barrier::init(&ss.q_empty, kConsumerThreads);
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kStages; ++i) {
         Barrier::init(&ss.k_full[i], 1);
@@ -151,54 +192,78 @@ struct FwdKernelBase {
     }
     __syncthreads();
 
+    FwdTiles const tiles(p.s, kBlockM);
     if (wg == 0) {
       cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-      if (threadIdx.x == 0 && n_lo <= n_hi) produce(p, ss, seq, m_block, h, n_lo, n_hi);
+      if (threadIdx.x == 0) produce(p, ss, tiles);
     } else {
       cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
-      consume(p, ss, seq, band, m_block, h, n_lo, n_hi);
+      consume(p, ss, tiles);
     }
   }
 
+  // One thread: per tile with keys, Q (once the consumers are done with the previous tile's Q),
+  // then K/V block by block through the ring, which carries on from tile to tile.
   static __device__ __forceinline__ void produce(Params const& p, SharedStorage& ss,
-                                                 SeqInfo const& seq, int m_block, int h, int n_lo,
-                                                 int n_hi) {
-    int const hk = h / (p.s.heads_q / p.s.heads_k);
+                                                 FwdTiles const& tiles) {
     Tensor mQ = p.tma_q.get_tma_tensor(
         make_shape(p.s.rows_q, int32_t(kDqk), p.s.heads_q, p.s.tma_batch));
     Tensor mK = p.tma_k.get_tma_tensor(
         make_shape(p.s.rows_k, int32_t(kDqk), p.s.heads_k, p.s.tma_batch));
     Tensor mV = p.tma_v.get_tma_tensor(
         make_shape(p.s.rows_k, int32_t(kDv), p.s.heads_k, p.s.tma_batch));
-    Tensor gQ = local_tile(domain_offset(make_coord(seq.start_q, _0{}), mQ(_, _, h, seq.tma_batch)),
-                           Shape<Int<kBlockM>, Int<kDqk>>{}, make_coord(m_block, _0{}));
-    Tensor gK = local_tile(domain_offset(make_coord(seq.start_k, _0{}), mK(_, _, hk, seq.tma_batch)),
-                           Shape<Int<kBlockN>, Int<kDqk>>{}, make_coord(_, _0{}));
-    Tensor gV = local_tile(domain_offset(make_coord(seq.start_k, _0{}), mV(_, _, hk, seq.tma_batch)),
-                           Shape<Int<kBlockN>, Int<kDv>>{}, make_coord(_, _0{}));
     Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), SmemLayoutK{});
     Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), SmemLayoutV{});
-    auto [tQg, tQs] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ),
-                                    group_modes<0, 2>(gQ));
-    auto [tKg, tKs] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
-                                    group_modes<0, 2>(gK));
-    auto [tVg, tVs] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
-                                    group_modes<0, 2>(gV));
-
-    TxBarrier::arrive_and_expect_tx(&ss.bar_q, kBytesQ);
-    copy(p.tma_q.with(ss.bar_q), tQg, tQs);
     RingState<kStages> st;
-    for (int n = n_hi; n >= n_lo; --n) {
-      Barrier::wait(&ss.k_empty[st.index], st.phase ^ 1);
-      TxBarrier::arrive_and_expect_tx(&ss.k_full[st.index], kBytesK);
-      copy(p.tma_k.with(ss.k_full[st.index]), tKg(_, n), tKs(_, st.index));
-      Barrier::wait(&ss.v_empty[st.index], st.phase ^ 1);
-      TxBarrier::arrive_and_expect_tx(&ss.v_full[st.index], kBytesV);
-      copy(p.tma_v.with(ss.v_full[st.index]), tVg(_, n), tVs(_, st.index));
-      st.advance();
+    uint32_t q_phase = 0;
+    int const rounds = tiles.rounds();
+    for (int r = 0; r < rounds; ++r) {
+      int m_block, h, b, n_lo, n_hi;
+      SeqInfo seq;
+      BandMask band;
+      if (!tiles.get(r, m_block, h, b) || !tile_keys(p, m_block, b, seq, band, n_lo, n_hi) ||
+          n_lo > n_hi) {
+        continue;
+      }
+      int const hk = h / (p.s.heads_q / p.s.heads_k);
+      Tensor gQ =
+          local_tile(domain_offset(make_coord(seq.start_q, _0{}), mQ(_, _, h, seq.tma_batch)),
+                     Shape<Int<kBlockM>, Int<kDqk>>{}, make_coord(m_block, _0{}));
+      Tensor gK =
+          local_tile(domain_offset(make_coord(seq.start_k, _0{}), mK(_, _, hk, seq.tma_batch)),
+                     Shape<Int<kBlockN>, Int<kDqk>>{}, make_coord(_, _0{}));
+      Tensor gV =
+          local_tile(domain_offset(make_coord(seq.start_k, _0{}), mV(_, _, hk, seq.tma_batch)),
+                     Shape<Int<kBlockN>, Int<kDv>>{}, make_coord(_, _0{}));
+      auto [tQg, tQs] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ),
+                                      group_modes<0, 2>(gQ));
+      auto [tKg, tKs] = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                      group_modes<0, 2>(gK));
+      auto [tVg, tVs] = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                                      group_modes<0, 2>(gV));
+
+      Barrier::wait(&ss.q_empty, q_phase ^ 1);
+      TxBarrier::arrive_and_expect_tx(&ss.bar_q, kBytesQ);
+      copy(p.tma_q.with(ss.bar_q), tQg, tQs);
+      q_phase ^= 1;
+      for (int n = n_hi; n >= n_lo; --n) {
+        Barrier::wait(&ss.k_empty[st.index], st.phase ^ 1);
+        TxBarrier::arrive_and_expect_tx(&ss.k_full[st.index], kBytesK);
+        copy(p.tma_k.with(ss.k_full[st.index]), tKg(_, n), tKs(_, st.index));
+        Barrier::wait(&ss.v_empty[st.index], st.phase ^ 1);
+        TxBarrier::arrive_and_expect_tx(&ss.v_full[st.index], kBytesV);
+        copy(p.tma_v.with(ss.v_full[st.index]), tVg(_, n), tVs(_, st.index));
+        st.advance();
+      }
     }
   }
+
+  // Ring positions and the Q phase of the consumers, carried from tile to tile.
+  struct ConsumerState {
+    RingState<kStages> st_k, st_v;
+    uint32_t q_phase = 0;
+  };
 
   // The consumer main loop of the ping-pong variant: the default loop's schedule (QKᵀ(n) issued
   // with P·V(n+1), softmax(n) under P·V), with each warpgroup's GEMM issue taking a turn. Named
@@ -207,11 +272,12 @@ struct FwdKernelBase {
   // round-robin order and each warpgroup's softmax runs under the others' GEMMs. All consumers
   // walk the same key blocks, so each issues the same number of batches: the first consumer's
   // first turn is a free arrival, and the last consumer skips its final arrival (nobody waits for
-  // it), which leaves every barrier balanced at exit.
+  // it), which leaves every barrier balanced at the end of each tile.
   template <class MmaQK, class MmaPV, class TQ, class TK, class TV, class TS, class TO, class ORc,
             class Softmax>
-  static __device__ __forceinline__ void mainloop_pingpong(SharedStorage& ss, int n_lo, int n_hi,
-                                                           int wgc, MmaQK& mma_qk, MmaPV& mma_pv,
+  static __device__ __forceinline__ void mainloop_pingpong(SharedStorage& ss, ConsumerState& cs,
+                                                           int n_lo, int n_hi, int wgc,
+                                                           MmaQK& mma_qk, MmaPV& mma_pv,
                                                            TQ const& tSrQ, TK const& tSrK,
                                                            TV const& tOrV, TS& tSrS, TO& tOrO,
                                                            ORc& O_rc, Softmax& softmax_step) {
@@ -219,9 +285,10 @@ struct FwdKernelBase {
     constexpr int kTurnThreads = 2 * 128;
     int const my_turn = 1 + wgc;
     int const next_turn = 1 + (wgc + 1 == kConsumerWGs ? 0 : wgc + 1);
+    RingState<kStages>& st_k = cs.st_k;
+    RingState<kStages>& st_v = cs.st_v;
     if (wgc == 0) named_arrive(my_turn, kTurnThreads);
-    TxBarrier::wait(&ss.bar_q, 0);
-    RingState<kStages> st_k, st_v;
+    TxBarrier::wait(&ss.bar_q, cs.q_phase);
     float corr[kRows];
     Tensor rP = make_tensor<Element>(tSrS.layout());
     Tensor tOrP = make_tensor(rP.data(), acc_as_A(rP.layout()));
@@ -233,6 +300,7 @@ struct FwdKernelBase {
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
     Barrier::arrive(&ss.k_empty[st_k.index]);
+    if (n_lo == n_hi) Barrier::arrive(&ss.q_empty);
     st_k.advance();
     softmax_step(n_hi, corr);
     CUTLASS_PRAGMA_UNROLL
@@ -249,6 +317,7 @@ struct FwdKernelBase {
       warpgroup_wait<1>();  // QKᵀ of block n is done (batches complete in issue order)
       warpgroup_fence_operand(tSrS);
       Barrier::arrive(&ss.k_empty[st_k.index]);
+      if (n == n_lo) Barrier::arrive(&ss.q_empty);
       st_k.advance();
       softmax_step(n, corr);
       warpgroup_wait<0>();  // P·V of the previous block is done: O and P are free again
@@ -272,11 +341,68 @@ struct FwdKernelBase {
     warpgroup_fence_operand(tOrO);
     warpgroup_fence_operand(rP);
     Barrier::arrive(&ss.v_empty[st_v.index]);
+    st_v.advance();
+  }
+
+  // The default consumer main loop. K and V walk the same ring; V lags K by one block, since
+  // P·V of block n is issued together with QKᵀ of the next block and softmax(next) runs while
+  // both are in flight.
+  template <class MmaQK, class MmaPV, class TQ, class TK, class TV, class TS, class TO, class ORc,
+            class Softmax>
+  static __device__ __forceinline__ void mainloop(SharedStorage& ss, ConsumerState& cs, int n_lo,
+                                                  int n_hi, MmaQK& mma_qk, MmaPV& mma_pv,
+                                                  TQ const& tSrQ, TK const& tSrK, TV const& tOrV,
+                                                  TS& tSrS, TO& tOrO, ORc& O_rc,
+                                                  Softmax& softmax_step) {
+    constexpr int kRows = decltype(size<0>(O_rc))::value;
+    RingState<kStages>& st_k = cs.st_k;
+    RingState<kStages>& st_v = cs.st_v;
+    TxBarrier::wait(&ss.bar_q, cs.q_phase);
+    float corr[kRows];
+    Tensor rP = make_tensor<Element>(tSrS.layout());
+    Tensor tOrP = make_tensor(rP.data(), acc_as_A(rP.layout()));
+
+    Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
+    wg_gemm<true, 0, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
+    Barrier::arrive(&ss.k_empty[st_k.index]);
+    if (n_lo == n_hi) Barrier::arrive(&ss.q_empty);
+    st_k.advance();
+    softmax_step(n_hi, corr);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<Element>(tSrS(i));
+
+    for (int n = n_hi - 1; n >= n_lo; --n) {
+      Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
+      wg_gemm<true, -1, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
+      Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
+      wg_gemm<false, -1, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
+      warpgroup_wait<1>();  // QKᵀ of block n is done (batches complete in issue order)
+      warpgroup_fence_operand(tSrS);
+      Barrier::arrive(&ss.k_empty[st_k.index]);
+      if (n == n_lo) Barrier::arrive(&ss.q_empty);
+      st_k.advance();
+      softmax_step(n, corr);
+      warpgroup_wait<0>();  // P·V of the previous block is done: O and P are free again
+      warpgroup_fence_operand(tOrO);
+      warpgroup_fence_operand(rP);
+      Barrier::arrive(&ss.v_empty[st_v.index]);
+      st_v.advance();
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= corr[r];
+      }
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<Element>(tSrS(i));
+    }
+    Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
+    wg_gemm<false, 0, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
+    Barrier::arrive(&ss.v_empty[st_v.index]);
+    st_v.advance();
   }
 
   static __device__ __forceinline__ void consume(Params const& p, SharedStorage& ss,
-                                                 SeqInfo const& seq, BandMask const& band,
-                                                 int m_block, int h, int n_lo, int n_hi) {
+                                                 FwdTiles const& tiles) {
     int const tid = threadIdx.x - 128;
     TiledMmaQK mma_qk;
     TiledMmaPV mma_pv;
@@ -298,154 +424,128 @@ struct FwdKernelBase {
     Tensor cS_rc = make_tensor(cS.data(), acc_rowcol(cS.layout()));
     constexpr int kRows = decltype(size<0>(S_rc))::value;
     static_assert(kRows == decltype(size<0>(O_rc))::value);
-
-    float row_max[kRows];
-    float row_sum[kRows];
-    CUTLASS_PRAGMA_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      row_max[r] = -INFINITY;
-      row_sum[r] = 0.f;
-    }
-    clear(tOrO);
-    int const i0 = m_block * kBlockM;
     float const scale_log2 = p.scale_log2;
+    ConsumerState cs;
 
-    // Softcap, mask and the online-softmax update of one key block's scores (in tSrS, turned
-    // into unnormalised probabilities); corr[r] rescales what row r accumulated before.
-    auto softmax_step = [&](int n, float (&corr)[kRows]) {
-      int const j0 = n * kBlockN;
-      if (p.softcap > 0.f) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < size(tSrS); ++i) {
-          tSrS(i) = p.softcap * tanh_fast(tSrS(i) * p.softcap_scale);
-        }
+    int const rounds = tiles.rounds();
+    for (int round = 0; round < rounds; ++round) {
+      int m_block, h, b, n_lo, n_hi;
+      SeqInfo seq;
+      BandMask band;
+      if (!tiles.get(round, m_block, h, b) || !tile_keys(p, m_block, b, seq, band, n_lo, n_hi)) {
+        continue;
       }
-      bool full;
-      if constexpr (kConsumerWGs == 2) {
-        full = band.tile_is_full(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
-      } else {
-        // Each warpgroup asks about its own 64 rows: with 192-row blocks the causal diagonal
-        // crosses ~2.5 key tiles per block, and only one warpgroup's rows meet each edge.
-        int const r0 = i0 + 64 * (tid / 128);
-        full = band.tile_is_full(r0, r0 + 63, j0, j0 + kBlockN - 1);
-      }
-      if (!full) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < size(tSrS); ++i) {
-          if (!band.visible(i0 + get<0>(cS(i)), j0 + get<1>(cS(i)))) tSrS(i) = -INFINITY;
-        }
-      }
+      float row_max[kRows];
+      float row_sum[kRows];
       CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < kRows; ++r) {
-        float mx = row_max[r];
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < size<1>(S_rc); ++c) mx = fmaxf(mx, S_rc(r, c));
-        mx = quad_max(mx);
-        // A row with no visible key so far keeps max -inf; subtract 0 then so exp2 gives 0,
-        // not NaN.
-        float const mx_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
-        corr[r] = exp2f(row_max[r] * scale_log2 - mx_scaled);
-        row_max[r] = mx;
-        float sum = 0.f;
-        if constexpr (kExpEmu) {
+        row_max[r] = -INFINITY;
+        row_sum[r] = 0.f;
+      }
+      clear(tOrO);
+      int const i0 = m_block * kBlockM;
+
+      // Softcap, mask and the online-softmax update of one key block's scores (in tSrS, turned
+      // into unnormalised probabilities); corr[r] rescales what row r accumulated before.
+      auto softmax_step = [&](int n, float (&corr)[kRows]) {
+        int const j0 = n * kBlockN;
+        if (p.softcap > 0.f) {
           CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < size<1>(S_rc); ++c) {
-            float const x = S_rc(r, c) * scale_log2 - mx_scaled;
-            float const e = c % 16 >= 13 ? exp2_fma(x) : exp2f(x);
-            S_rc(r, c) = e;
-            sum += e;
-          }
-        } else {
-          CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < size<1>(S_rc); ++c) {
-            float const e = exp2f(S_rc(r, c) * scale_log2 - mx_scaled);
-            S_rc(r, c) = e;
-            sum += e;
+          for (int i = 0; i < size(tSrS); ++i) {
+            tSrS(i) = p.softcap * tanh_fast(tSrS(i) * p.softcap_scale);
           }
         }
-        row_sum[r] = row_sum[r] * corr[r] + sum;
-      }
-    };
-
-    if constexpr (kPingPong) {
-      if (n_lo <= n_hi) mainloop_pingpong(ss, n_lo, n_hi, tid / 128, mma_qk, mma_pv, tSrQ, tSrK,
-                                          tOrV, tSrS, tOrO, O_rc, softmax_step);
-    } else if (n_lo <= n_hi) {
-      TxBarrier::wait(&ss.bar_q, 0);
-      // K and V walk the same ring; V lags K by one block, since P·V of block n is issued
-      // together with QKᵀ of the next block and softmax(next) runs while both are in flight.
-      RingState<kStages> st_k, st_v;
-      float corr[kRows];
-      Tensor rP = make_tensor<Element>(tSrS.layout());
-      Tensor tOrP = make_tensor(rP.data(), acc_as_A(rP.layout()));
-
-      Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
-      wg_gemm<true, 0, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
-      Barrier::arrive(&ss.k_empty[st_k.index]);
-      st_k.advance();
-      softmax_step(n_hi, corr);
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<Element>(tSrS(i));
-
-      for (int n = n_hi - 1; n >= n_lo; --n) {
-        Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
-        wg_gemm<true, -1, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
-        Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
-        wg_gemm<false, -1, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
-        warpgroup_wait<1>();  // QKᵀ of block n is done (batches complete in issue order)
-        warpgroup_fence_operand(tSrS);
-        Barrier::arrive(&ss.k_empty[st_k.index]);
-        st_k.advance();
-        softmax_step(n, corr);
-        warpgroup_wait<0>();  // P·V of the previous block is done: O and P are free again
-        warpgroup_fence_operand(tOrO);
-        warpgroup_fence_operand(rP);
-        Barrier::arrive(&ss.v_empty[st_v.index]);
-        st_v.advance();
+        bool full;
+        if constexpr (kConsumerWGs == 2) {
+          full = band.tile_is_full(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
+        } else {
+          // Each warpgroup asks about its own 64 rows: with 192-row blocks the causal diagonal
+          // crosses ~2.5 key tiles per block, and only one warpgroup's rows meet each edge.
+          int const r0 = i0 + 64 * (tid / 128);
+          full = band.tile_is_full(r0, r0 + 63, j0, j0 + kBlockN - 1);
+        }
+        if (!full) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(tSrS); ++i) {
+            if (!band.visible(i0 + get<0>(cS(i)), j0 + get<1>(cS(i)))) tSrS(i) = -INFINITY;
+          }
+        }
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < kRows; ++r) {
+          float mx = row_max[r];
           CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= corr[r];
+          for (int c = 0; c < size<1>(S_rc); ++c) mx = fmaxf(mx, S_rc(r, c));
+          mx = quad_max(mx);
+          // A row with no visible key so far keeps max -inf; subtract 0 then so exp2 gives 0,
+          // not NaN.
+          float const mx_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
+          corr[r] = exp2f(row_max[r] * scale_log2 - mx_scaled);
+          row_max[r] = mx;
+          float sum = 0.f;
+          if constexpr (kExpEmu) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int c = 0; c < size<1>(S_rc); ++c) {
+              float const x = S_rc(r, c) * scale_log2 - mx_scaled;
+              float const e = c % 16 >= 13 ? exp2_fma(x) : exp2f(x);
+              S_rc(r, c) = e;
+              sum += e;
+            }
+          } else {
+            CUTLASS_PRAGMA_UNROLL
+            for (int c = 0; c < size<1>(S_rc); ++c) {
+              float const e = exp2f(S_rc(r, c) * scale_log2 - mx_scaled);
+              S_rc(r, c) = e;
+              sum += e;
+            }
+          }
+          row_sum[r] = row_sum[r] * corr[r] + sum;
         }
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<Element>(tSrS(i));
-      }
-      Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
-      wg_gemm<false, 0, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
-      Barrier::arrive(&ss.v_empty[st_v.index]);
-    }
+      };
 
-    // Epilogue: normalise, write O (pairs of adjacent columns) and the natural-log lse.
-    float lse_row[kRows];
-    CUTLASS_PRAGMA_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      float const sum = quad_sum(row_sum[r]);
-      float const inv = sum > 0.f ? 1.f / sum : 0.f;
-      lse_row[r] = sum > 0.f ? (row_max[r] * scale_log2 + __log2f(sum)) * kLn2 : -INFINITY;
-      CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= inv;
-    }
-    Element* o_base = p.o + int64_t(seq.tma_batch) * p.o_batch_stride +
-                      int64_t(seq.start_q) * p.o_seq_stride + int64_t(h) * p.o_head_stride;
-    static_assert(decltype(size<0, 0>(tOrO))::value == 2, "pairs of adjacent columns");
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tOrO); i += 2) {
-      int const row = i0 + get<0>(cO(i));
-      if (row < seq.len_q) {
-        alignas(4) Element pair[2] = {Element(tOrO(i)), Element(tOrO(i + 1))};
-        *reinterpret_cast<uint32_t*>(o_base + int64_t(row) * p.o_seq_stride + get<1>(cO(i))) =
-            *reinterpret_cast<uint32_t*>(pair);
+      if (n_lo <= n_hi) {
+        if constexpr (kPingPong) {
+          mainloop_pingpong(ss, cs, n_lo, n_hi, tid / 128, mma_qk, mma_pv, tSrQ, tSrK, tOrV, tSrS,
+                            tOrO, O_rc, softmax_step);
+        } else {
+          mainloop(ss, cs, n_lo, n_hi, mma_qk, mma_pv, tSrQ, tSrK, tOrV, tSrS, tOrO, O_rc,
+                   softmax_step);
+        }
+        cs.q_phase ^= 1;
       }
-    }
-    if (p.lse != nullptr && tid % 4 == 0) {
+
+      // Epilogue: normalise, write O (pairs of adjacent columns) and the natural-log lse. The
+      // producer is already loading the next tile's Q and K/V meanwhile.
+      float lse_row[kRows];
       CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < kRows; ++r) {
-        int const row = i0 + get<0>(cS_rc(r, 0));
+        float const sum = quad_sum(row_sum[r]);
+        float const inv = sum > 0.f ? 1.f / sum : 0.f;
+        lse_row[r] = sum > 0.f ? (row_max[r] * scale_log2 + __log2f(sum)) * kLn2 : -INFINITY;
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= inv;
+      }
+      Element* o_base = p.o + int64_t(seq.tma_batch) * p.o_batch_stride +
+                        int64_t(seq.start_q) * p.o_seq_stride + int64_t(h) * p.o_head_stride;
+      static_assert(decltype(size<0, 0>(tOrO))::value == 2, "pairs of adjacent columns");
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tOrO); i += 2) {
+        int const row = i0 + get<0>(cO(i));
         if (row < seq.len_q) {
-          int64_t const idx = p.s.cu_q != nullptr
-                                  ? int64_t(h) * p.s.rows_q + seq.start_q + row
-                                  : (int64_t(blockIdx.z) * p.s.heads_q + h) * p.s.seqlen_q + row;
-          p.lse[idx] = lse_row[r];
+          alignas(4) Element pair[2] = {Element(tOrO(i)), Element(tOrO(i + 1))};
+          *reinterpret_cast<uint32_t*>(o_base + int64_t(row) * p.o_seq_stride + get<1>(cO(i))) =
+              *reinterpret_cast<uint32_t*>(pair);
+        }
+      }
+      if (p.lse != nullptr && tid % 4 == 0) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          int const row = i0 + get<0>(cS_rc(r, 0));
+          if (row < seq.len_q) {
+            int64_t const idx = p.s.cu_q != nullptr
+                                    ? int64_t(h) * p.s.rows_q + seq.start_q + row
+                                    : (int64_t(b) * p.s.heads_q + h) * p.s.seqlen_q + row;
+            p.lse[idx] = lse_row[r];
+          }
         }
       }
     }

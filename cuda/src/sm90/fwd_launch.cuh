@@ -1,5 +1,6 @@
-// Host side of the sm90 forward: builds the TMA descriptors and launches one CTA per (query
-// block, head, sequence), with the hd64 v3 kernels when FwdArgs::fwd_version asks for them.
+// Host side of the sm90 forward: builds the TMA descriptors and launches one CTA per SM (persistent;
+// or one per tile when FwdArgs::fwd_persistent is false), with the hd64 v3 kernels when
+// FwdArgs::fwd_version asks for them.
 // Included only by the generated instantiation units. Target: sm_90a.
 #pragma once
 
@@ -37,8 +38,20 @@ cudaError_t launch_fwd_kernel(FwdArgs const& a, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          K::kSmemBytes);
   if (err != cudaSuccess) return err;
-  dim3 grid((s.seqlen_q + K::kBlockM - 1) / K::kBlockM, s.heads_q, s.batch);
-  kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
+  int64_t const tiles =
+      int64_t((s.seqlen_q + K::kBlockM - 1) / K::kBlockM) * s.heads_q * s.batch;
+  int64_t grid = tiles;
+  if (a.fwd_persistent) {
+    int sms = 0, per_sm = 0;
+    err = sm_count(sms);
+    if (err != cudaSuccess) return err;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, K::kThreads,
+                                                        K::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    grid = std::min<int64_t>(tiles, int64_t(sms) * std::max(per_sm, 1));
+  }
+  if (grid == 0) return cudaSuccess;
+  kernel<<<dim3(unsigned(grid)), K::kThreads, K::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -131,6 +131,7 @@ struct SeqInfo {
   int tma_batch;         // batch coordinate of the TMA views (0 for varlen)
   int off;               // len_k - len_q: the diagonal of causal/window masks
 
+  SeqInfo() = default;
   template <class Shape>
   __device__ __forceinline__ SeqInfo(Shape const& s, int b) {
     if (s.cu_q != nullptr) {

@@ -345,3 +345,81 @@ def test_forward_v3_hd64_matches_float64(
     assert torch.equal(torch.isneginf(lse), empty)
     assert (out.transpose(-3, -2)[empty] == 0).all()  # rows that see no key: out exactly 0
     assert (lse.double()[~empty] - ref_lse[~empty]).abs().max().item() < 1e-2
+
+
+_PERSISTENT_CASES = [
+    # d, b, nq, nk, hq, hk, causal, window, varlen
+    # several rounds of the persistent grid (132 CTAs on an H200): 2 x 16 x 8 = 256 tiles
+    (128, 2, 1000, 1000, 16, 16, True, None, None),
+    (64, 3, 1500, 700, 16, 4, True, None, None),  # Nq > Nk: tiles with no key at all
+    (128, 1, 700, 3000, 32, 8, False, (100, 0), None),
+    (256, 2, 900, 900, 24, 24, True, None, None),
+    (96, 2, 1200, 1200, 16, 2, False, None, None),
+    # varlen: the grid is sized by the longest sequence, so most tiles of short ones are empty
+    (128, 1, 0, 0, 24, 8, True, None, ([1500, 0, 1, 700, 129], [1500, 3, 1, 900, 128])),
+    (64, 1, 0, 0, 32, 32, False, None, ([193, 2000, 0, 64], [400, 2000, 5, 64])),
+]
+
+
+@pytest.mark.parametrize(
+    "fwd, d, b, nq, nk, hq, hk, causal, window, varlen",
+    [
+        (fwd, *case)
+        for case in _PERSISTENT_CASES
+        for fwd in (["default", "v3-no-pingpong", "v3"] if case[0] == 64 else ["default"])
+    ],
+)
+def test_persistent_forward_equals_one_cta_per_tile(
+    monkeypatch, fwd, d, b, nq, nk, hq, hk, causal, window, varlen
+):
+    """The persistent forward (one CTA per SM walking the tiles) computes each tile exactly as a
+    grid of one CTA per tile does, so out and lse must be bitwise equal; NaN-poisoned memory
+    under the outputs catches a tile that no CTA takes."""
+    from longflash.frontends import torch as lft
+    from longflash_cuda import _lib, _torch
+
+    if (d, d) not in _lib.compiled_head_dims(_lib.load()[0])["bfloat16"]:
+        pytest.skip(f"hd{d} bf16 is not in this build")
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    if varlen is None:
+        q = torch.randn(b, nq, hq, d, device="cuda", dtype=dt)
+        k = torch.randn(b, nk, hk, d, device="cuda", dtype=dt)
+        v = torch.randn(b, nk, hk, d, device="cuda", dtype=dt)
+        call = lft.make_call(q, k, v, causal=causal, window=window)
+    else:
+        lq, lk = varlen
+        cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32).cuda()
+        cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32).cuda()
+        q = torch.randn(sum(lq), hq, d, device="cuda", dtype=dt)
+        k = torch.randn(sum(lk), hk, d, device="cuda", dtype=dt)
+        v = torch.randn(sum(lk), hk, d, device="cuda", dtype=dt)
+        call = lft.make_call(
+            q,
+            k,
+            v,
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+            max_seqlen_q=max(lq),
+            max_seqlen_k=max(lk),
+            causal=causal,
+            window=window,
+        )
+    results = []
+    for grid in ("persistent", "grid"):
+        monkeypatch.setenv("LONGFLASH_CUDA_FWD", f"{fwd}+{grid}")
+        poison = torch.full((1 << 26,), float("nan"), device="cuda")
+        del poison
+        out, lse = _torch.forward(call, q, k, v)
+        torch.cuda.synchronize()
+        results.append((out, lse))
+    (out_p, lse_p), (out_g, lse_g) = results
+    assert not torch.isnan(out_p).any() and not torch.isnan(lse_p).any()
+    assert torch.equal(out_p, out_g)
+    assert torch.equal(lse_p, lse_g)
+    if varlen is None:  # and both equal the float64 reference
+        ref, ref_lse = _fwd_ref64(q, k, v, call.scale, call.window, None)
+        assert _rel(out_p, ref) < 2e-2
+        empty = torch.isneginf(ref_lse)
+        assert torch.equal(torch.isneginf(lse_p), empty)
+        assert (lse_p.double()[~empty] - ref_lse[~empty]).abs().max().item() < 1e-2
