@@ -2,6 +2,7 @@
 // kernels. Everything a caller can get wrong is caught here, before the device is touched.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -304,19 +305,36 @@ int fwd_version() {
   return kFwdDefault;
 }
 
-// The persistent grid's static schedule (fwd.cuh FwdTiles) is balanced only when every tile costs
-// the same: no causal/window band and no varlen. Elsewhere the hardware's dynamic CTA scheduling
-// wins: at hd128/hd256, N = 16K causal the static schedule measured 0.53-0.68x the one-CTA-per-tile
-// grid (benchmarks/NOTES-cuda.md, persistent forward). LONGFLASH_CUDA_FWD's "+grid" or
-// "+persistent" overrides the choice (A/B timing).
-bool fwd_persistent(AttnShape const& s) {
+// The forward's grid (params.h kFwdGrid*). The persistent grid's static schedule (fwd.cuh
+// FwdTiles) is balanced only when every tile costs the same: no causal/window band and no varlen.
+// Elsewhere one CTA per tile, which the hardware hands out dynamically: at hd128/hd256, N = 16K
+// causal the static schedule measured 0.53-0.68x of it (benchmarks/NOTES-cuda.md, persistent
+// forward). LONGFLASH_CUDA_FWD's "+grid", "+persistent" (static) or "+dynamic" (persistent with a
+// tile counter in the workspace; not yet measured) overrides the choice.
+int fwd_grid(AttnShape const& s) {
   char const* e = std::getenv("LONGFLASH_CUDA_FWD");
   if (e != nullptr) {
-    if (std::strcmp(e, "grid") == 0 || std::strstr(e, "+grid") != nullptr) return false;
-    if (std::strcmp(e, "persistent") == 0 || std::strstr(e, "+persistent") != nullptr) return true;
+    if (std::strcmp(e, "grid") == 0 || std::strstr(e, "+grid") != nullptr) return kFwdGridPerTile;
+    if (std::strcmp(e, "persistent") == 0 || std::strstr(e, "+persistent") != nullptr) {
+      return kFwdGridStatic;
+    }
+    if (std::strcmp(e, "dynamic") == 0 || std::strstr(e, "+dynamic") != nullptr) {
+      return kFwdGridDynamic;
+    }
   }
   bool const equal_tiles = s.window_left < 0 && s.window_right < 0 && s.cu_q == nullptr;
-  return kFwdPersistentDefault && equal_tiles;
+  return kFwdPersistentDefault && equal_tiles ? kFwdGridStatic : kFwdGridPerTile;
+}
+
+// LONGFLASH_CUDA_FWD_CTAS=n caps a persistent grid at n CTAs, so that small problems walk many
+// tiles per CTA (for sanitizer runs of the tile hand-overs). Unset or invalid: no cap.
+int fwd_max_ctas() {
+  char const* e = std::getenv("LONGFLASH_CUDA_FWD_CTAS");
+  return e == nullptr ? 0 : std::max(0, std::atoi(e));
+}
+
+size_t fwd_workspace(lf_attention_params const& p) {
+  return fwd_grid(make_shape(p)) == kFwdGridDynamic ? kFwdDynamicWorkspace : 0;
 }
 
 // The workspace of a call under backward variant `version`: v7's accumulator is per query tile
@@ -407,7 +425,7 @@ lf_status lf_attention_forward_workspace_size(const lf_attention_params* params,
   lf_status st = check_params(params);
   if (st != LF_SUCCESS) return st;
   if (bytes == nullptr) return fail(LF_ERROR_INVALID_ARGUMENT, "bytes is NULL");
-  *bytes = 0;
+  *bytes = fwd_workspace(*params);
   return ok();
 }
 
@@ -422,8 +440,6 @@ lf_status lf_attention_backward_workspace_size(const lf_attention_params* params
 lf_status lf_attention_forward(const lf_attention_params* params, lf_tensor q, lf_tensor k,
                                lf_tensor v, lf_tensor out, float* lse, void* workspace,
                                size_t workspace_bytes, void* stream) {
-  (void)workspace;
-  (void)workspace_bytes;
   lf_status st = check_params(params);
   if (st != LF_SUCCESS) return st;
   lf_attention_params const& p = *params;
@@ -441,7 +457,19 @@ lf_status lf_attention_forward(const lf_attention_params* params, lf_tensor q, l
   }
   a.lse = lse;
   a.fwd_version = fwd_version();
-  a.fwd_persistent = fwd_persistent(a.s);
+  a.fwd_grid = fwd_grid(a.s);
+  a.max_ctas = fwd_max_ctas();
+  if (a.fwd_grid == kFwdGridDynamic) {
+    if (workspace_bytes < kFwdDynamicWorkspace || workspace == nullptr) {
+      return fail(LF_ERROR_WORKSPACE, "workspace is %zu bytes, the call needs %zu "
+                  "(lf_attention_forward_workspace_size)", workspace == nullptr ? 0 : workspace_bytes,
+                  kFwdDynamicWorkspace);
+    }
+    if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0) {
+      return fail(LF_ERROR_WORKSPACE, "workspace must be 16-byte aligned");
+    }
+    a.tile_counter = static_cast<int*>(workspace);
+  }
   if (p.batch == 0 || tokens_q(p) == 0) return ok();
   if ((st = check_device()) != LF_SUCCESS) return st;
   cudaStream_t const s = static_cast<cudaStream_t>(stream);

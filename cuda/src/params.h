@@ -43,16 +43,26 @@ struct FwdArgs {
   // kFwdV3NoPingPong: the same without the turn-taking; kFwdV3ExpEmu: v3 with 3/16 of the softmax
   // exponentials on the FMA pipe (both for A/B timing).
   int fwd_version;
-  // true: one CTA per SM walks the tiles (fwd.cuh FwdTiles). false: one CTA per tile (A/B only).
-  bool fwd_persistent;
+  // kFwdGridPerTile: one CTA per tile. kFwdGridStatic: one CTA per SM walking the tiles in a
+  // static order (fwd.cuh FwdTiles). kFwdGridDynamic: the same CTAs claiming tiles from
+  // tile_counter (default kernel only; the v3 variants run kFwdGridStatic for it).
+  int fwd_grid;
+  int* tile_counter;  // kFwdGridDynamic: 4 bytes of the workspace, zeroed before the launch
+  int max_ctas;       // > 0: at most this many persistent CTAs (LONGFLASH_CUDA_FWD_CTAS, tests)
 };
+
+constexpr int kFwdGridPerTile = 0;
+constexpr int kFwdGridStatic = 1;
+constexpr int kFwdGridDynamic = 2;
+// Forward workspace under kFwdGridDynamic (the tile counter, padded).
+constexpr size_t kFwdDynamicWorkspace = 16;
 
 constexpr int kFwdDefault = 2;
 constexpr int kFwdV3 = 3;
 constexpr int kFwdV3NoPingPong = -3;
 constexpr int kFwdV3ExpEmu = 4;
 // The forward's grid when LONGFLASH_CUDA_FWD names none: persistent (one CTA per SM) for calls
-// whose tiles all cost the same (api.cpp fwd_persistent), else one CTA per tile.
+// whose tiles all cost the same (api.cpp fwd_grid), else one CTA per tile.
 constexpr bool kFwdPersistentDefault = true;
 
 // Workspace layout of the backward (offsets in bytes from the workspace base; 256-aligned).

@@ -5,6 +5,8 @@
 // Target sm_90a: TMA, wgmma, producer WG + 2 (default) or 3 (hd64 v3) consumer WGs, softmax overlapped with P·V.
 #pragma once
 
+#include <climits>
+
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
@@ -38,6 +40,9 @@ __device__ __forceinline__ float exp2_fma(float x) {
 // hd128, N = 4K. Round r hands tiles [r·G, (r+1)·G) to the G CTAs, in reverse CTA order on odd
 // rounds (a snake), so that a CTA that took heavy tiles in one round takes lighter ones in the
 // next. With one CTA per tile (G = tile count) this is a single round, the classic grid.
+// The dynamic schedule (FwdKernelDynamic) walks the same order greedily instead: each CTA's
+// producer takes the next unclaimed tile from a counter in global memory when it is done
+// issuing the loads of its current one, as the hardware hands out CTAs of a grid.
 struct FwdTiles {
   int m_blocks, heads, total;
 
@@ -55,11 +60,15 @@ struct FwdTiles {
     int const c = (r & 1) ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
     int const idx = r * int(gridDim.x) + c;
     if (idx >= total) return false;
+    decode(idx, m_block, h, b);
+    return true;
+  }
+
+  __device__ __forceinline__ void decode(int idx, int& m_block, int& h, int& b) const {
     m_block = m_blocks - 1 - idx % m_blocks;
     int const hb = idx / m_blocks;
     h = hb % heads;
     b = hb / heads;
-    return true;
   }
 };
 
@@ -70,8 +79,9 @@ struct FwdTiles {
 // warpgroup's GEMMs run while the others do their softmax.
 // kExpEmu_: 3 of every 16 exponentials of the softmax go to exp2_fma (FMA pipe) so that the
 // MUFU pipe's time per tile drops below the tensor cores' (v3-emu, an A/B variant).
+// kDynamic_: tiles come from the dynamic schedule (Params::tile_counter) instead of the static one.
 template <typename Element_, int kDqk_, int kDv_, int kConsumerWGs_ = 2, int kStages_ = 2,
-          bool kPingPong_ = false, bool kExpEmu_ = false>
+          bool kPingPong_ = false, bool kExpEmu_ = false, bool kDynamic_ = false>
 struct FwdKernelBase {
   using Element = Element_;
   static constexpr int kDqk = kDqk_;
@@ -85,10 +95,13 @@ struct FwdKernelBase {
   static constexpr int kStages = kStages_;
   static constexpr bool kPingPong = kPingPong_;
   static constexpr bool kExpEmu = kExpEmu_;
+  static constexpr bool kDynamic = kDynamic_;
   static constexpr int kThreads = 128 * (kConsumerWGs + 1);
   static constexpr int kConsumerThreads = 128 * kConsumerWGs;
-  // setmaxnreg within the 64K-register file: 128x24 + 256x240 (default) or 128x24 + 384x160.
-  static constexpr int kProducerRegs = 24;
+  // setmaxnreg within the 64K-register file: 128x24 + 256x240 (default; dynamic 128x32 +
+  // 256x240) or 128x24 + 384x160.
+  // The dynamic schedule's producer keeps its tile phase and claims tiles: 24 registers spill.
+  static constexpr int kProducerRegs = kDynamic_ ? 32 : 24;
   static constexpr int kConsumerRegs = kConsumerWGs == 2 ? 240 : 160;
   static_assert(kConsumerWGs == 2 || (kConsumerWGs == 3 && kDqk <= 64 && kDv <= 64),
                 "three consumer warpgroups only fit 160 registers at hd64");
@@ -143,6 +156,10 @@ struct FwdKernelBase {
     uint64_t k_empty[kStages];
     uint64_t v_full[kStages];
     uint64_t v_empty[kStages];
+    // Dynamic schedule: the producer's current tile index, handed to the consumers.
+    uint64_t tile_full;
+    uint64_t tile_empty;
+    int tile_idx;
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
@@ -158,6 +175,7 @@ struct FwdKernelBase {
     float scale_log2;     // multiplies the (capped) score inside exp2
     float softcap;        // 0 = off
     float softcap_scale;  // scale / softcap
+    int* tile_counter;    // dynamic schedule: zeroed before the launch; else unused
   };
 
   // The tile's query rows [i0, i0 + kBlockM) of sequence b and its key blocks [n_lo, n_hi]
@@ -181,6 +199,10 @@ struct FwdKernelBase {
     if (threadIdx.x == 0) {
       Barrier::init(&ss.bar_q, 1);
       Barrier::init(&ss.q_empty, kConsumerThreads);
+      if constexpr (kDynamic) {
+        Barrier::init(&ss.tile_full, 1);
+        Barrier::init(&ss.tile_empty, kConsumerThreads);
+      }
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kStages; ++i) {
         Barrier::init(&ss.k_full[i], 1);
@@ -217,13 +239,19 @@ struct FwdKernelBase {
     Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), SmemLayoutV{});
     RingState<kStages> st;
     uint32_t q_phase = 0;
-    int const rounds = tiles.rounds();
+    uint32_t tile_phase = 0;
+    int const rounds = kDynamic ? INT_MAX : tiles.rounds();
     for (int r = 0; r < rounds; ++r) {
       int m_block, h, b, n_lo, n_hi;
       SeqInfo seq;
       BandMask band;
-      if (!tiles.get(r, m_block, h, b) || !tile_keys(p, m_block, b, seq, band, n_lo, n_hi) ||
-          n_lo > n_hi) {
+      if constexpr (kDynamic) {
+        int const idx = fetch_tile(p, ss, r, tile_phase);
+        if (idx >= tiles.total) break;
+        tiles.decode(idx, m_block, h, b);
+        if (!tile_keys(p, m_block, b, seq, band, n_lo, n_hi) || n_lo > n_hi) continue;
+      } else if (!tiles.get(r, m_block, h, b) || !tile_keys(p, m_block, b, seq, band, n_lo, n_hi) ||
+                 n_lo > n_hi) {
         continue;
       }
       int const hk = h / (p.s.heads_q / p.s.heads_k);
@@ -257,6 +285,29 @@ struct FwdKernelBase {
         st.advance();
       }
     }
+  }
+
+  // Dynamic schedule, producer side: claim the CTA's r-th tile (the first is blockIdx.x, the
+  // rest come from the counter) and hand it to the consumers once they have read the previous
+  // one. An index past the last tile tells everyone to stop.
+  static __device__ __forceinline__ int fetch_tile(Params const& p, SharedStorage& ss, int r,
+                                                   uint32_t& phase) {
+    int const idx = r == 0 ? int(blockIdx.x) : int(gridDim.x) + atomicAdd(p.tile_counter, 1);
+    Barrier::wait(&ss.tile_empty, phase ^ 1);
+    *reinterpret_cast<int volatile*>(&ss.tile_idx) = idx;
+    __threadfence_block();
+    Barrier::arrive(&ss.tile_full);
+    phase ^= 1;
+    return idx;
+  }
+
+  // Dynamic schedule, consumer side: the producer's current tile.
+  static __device__ __forceinline__ int receive_tile(SharedStorage& ss, uint32_t& phase) {
+    Barrier::wait(&ss.tile_full, phase);
+    int const idx = *reinterpret_cast<int volatile*>(&ss.tile_idx);
+    Barrier::arrive(&ss.tile_empty);
+    phase ^= 1;
+    return idx;
   }
 
   // Ring positions and the Q phase of the consumers, carried from tile to tile.
@@ -426,13 +477,20 @@ struct FwdKernelBase {
     static_assert(kRows == decltype(size<0>(O_rc))::value);
     float const scale_log2 = p.scale_log2;
     ConsumerState cs;
+    uint32_t tile_phase = 0;
 
-    int const rounds = tiles.rounds();
+    int const rounds = kDynamic ? INT_MAX : tiles.rounds();
     for (int round = 0; round < rounds; ++round) {
       int m_block, h, b, n_lo, n_hi;
       SeqInfo seq;
       BandMask band;
-      if (!tiles.get(round, m_block, h, b) || !tile_keys(p, m_block, b, seq, band, n_lo, n_hi)) {
+      if constexpr (kDynamic) {
+        int const idx = receive_tile(ss, tile_phase);
+        if (idx >= tiles.total) break;
+        tiles.decode(idx, m_block, h, b);
+        if (!tile_keys(p, m_block, b, seq, band, n_lo, n_hi)) continue;
+      } else if (!tiles.get(round, m_block, h, b) ||
+                 !tile_keys(p, m_block, b, seq, band, n_lo, n_hi)) {
         continue;
       }
       float row_max[kRows];
@@ -563,6 +621,11 @@ struct FwdKernel : FwdKernelBase<Element, kDqk, kDv> {};
 // kExpEmu: the same with part of the exponentials on the FMA pipe (exp2_fma).
 template <typename Element, int kDqk, int kDv, bool kPingPong, bool kExpEmu = false>
 struct FwdKernelV3 : FwdKernelBase<Element, kDqk, kDv, 3, 4, kPingPong, kExpEmu> {};
+
+// The default kernel on the dynamic schedule (LONGFLASH_CUDA_FWD=+dynamic): persistent and
+// balanced under causal masks, at the cost of one global atomic per tile.
+template <typename Element, int kDqk, int kDv>
+struct FwdKernelDynamic : FwdKernelBase<Element, kDqk, kDv, 2, 2, false, false, true> {};
 
 template <class Kernel>
 __global__ void __launch_bounds__(Kernel::kThreads, 1)

@@ -1,5 +1,5 @@
-// Host side of the sm90 forward: builds the TMA descriptors and launches one CTA per SM (persistent;
-// or one per tile when FwdArgs::fwd_persistent is false), with the hd64 v3 kernels when
+// Host side of the sm90 forward: builds the TMA descriptors and launches one CTA per tile or a
+// persistent grid of one CTA per SM (FwdArgs::fwd_grid), with the hd64 v3 kernels when
 // FwdArgs::fwd_version asks for them.
 // Included only by the generated instantiation units. Target: sm_90a.
 #pragma once
@@ -33,6 +33,7 @@ cudaError_t launch_fwd_kernel(FwdArgs const& a, cudaStream_t stream) {
       (s.softcap > 0.f ? 1.f : s.scale) * kLog2e,
       s.softcap,
       s.softcap > 0.f ? s.scale / s.softcap : 0.f,
+      K::kDynamic ? a.tile_counter : nullptr,
   };
   auto kernel = fwd_kernel<K>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -41,7 +42,7 @@ cudaError_t launch_fwd_kernel(FwdArgs const& a, cudaStream_t stream) {
   int64_t const tiles =
       int64_t((s.seqlen_q + K::kBlockM - 1) / K::kBlockM) * s.heads_q * s.batch;
   int64_t grid = tiles;
-  if (a.fwd_persistent) {
+  if (a.fwd_grid != kFwdGridPerTile) {
     int sms = 0, per_sm = 0;
     err = sm_count(sms);
     if (err != cudaSuccess) return err;
@@ -49,8 +50,13 @@ cudaError_t launch_fwd_kernel(FwdArgs const& a, cudaStream_t stream) {
                                                         K::kSmemBytes);
     if (err != cudaSuccess) return err;
     grid = std::min<int64_t>(tiles, int64_t(sms) * std::max(per_sm, 1));
+    if (a.max_ctas > 0) grid = std::min<int64_t>(grid, a.max_ctas);
   }
   if (grid == 0) return cudaSuccess;
+  if constexpr (K::kDynamic) {
+    err = cudaMemsetAsync(a.tile_counter, 0, sizeof(int), stream);
+    if (err != cudaSuccess) return err;
+  }
   kernel<<<dim3(unsigned(grid)), K::kThreads, K::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
@@ -67,6 +73,9 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
     if (a.fwd_version == kFwdV3NoPingPong) {
       return launch_fwd_kernel<FwdKernelV3<Element, kDqk, kDv, false>>(a, stream);
     }
+  }
+  if (a.fwd_grid == kFwdGridDynamic) {
+    return launch_fwd_kernel<FwdKernelDynamic<Element, kDqk, kDv>>(a, stream);
   }
   return launch_fwd_kernel<FwdKernel<Element, kDqk, kDv>>(a, stream);
 }

@@ -170,6 +170,7 @@ def test_empty_problem_is_a_no_op_without_device():
 
 def test_workspace_sizes(monkeypatch):
     monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v5")  # the row-layout accumulator (v7: below)
+    monkeypatch.delenv("LONGFLASH_CUDA_FWD", raising=False)  # the dynamic schedule: below
     dqk, dv, dt = compiled_any()
     p = params(head_dim_qk=dqk, head_dim_v=dv, dtype=dt)
     n = ctypes.c_size_t(7)
@@ -305,6 +306,37 @@ def test_backward_checks_workspace_before_device():
     )
     assert got == status("LF_ERROR_INVALID_ARGUMENT")
     assert "lse" in last_error()
+
+
+@pytest.mark.parametrize(
+    "fwd, needed",
+    [(None, 0), ("grid", 0), ("v3+persistent", 0), ("+dynamic", 16), ("v3+dynamic", 16)],
+)
+def test_forward_workspace_holds_the_dynamic_schedules_counter(monkeypatch, fwd, needed):
+    """Only the dynamic tile schedule (LONGFLASH_CUDA_FWD=...+dynamic) needs a forward workspace:
+    its tile counter. The forward checks it before touching the device."""
+    if fwd is None:
+        monkeypatch.delenv("LONGFLASH_CUDA_FWD", raising=False)
+    else:
+        monkeypatch.setenv("LONGFLASH_CUDA_FWD", fwd)
+    dqk, dv, dt = compiled_any()
+    for causal in (0, 1):
+        p = params(head_dim_qk=dqk, head_dim_v=dv, dtype=dt, window_right=0 if causal else -1)
+        n = ctypes.c_size_t(7)
+        assert lib.lf_attention_forward_workspace_size(ctypes.byref(p), ctypes.byref(n)) == 0
+        assert n.value == needed
+        if needed:
+            assert forward(p) == status("LF_ERROR_WORKSPACE")
+            assert "the call needs 16" in last_error()
+            assert forward(p, ws=FAKE, ws_bytes=8) == status("LF_ERROR_WORKSPACE")
+            assert forward(p, ws=FAKE + 4, ws_bytes=16) == status("LF_ERROR_WORKSPACE")
+            assert "16-byte aligned" in last_error()
+        # with what the query asked for, the call gets past every check to the device
+        ws = FAKE if needed else None
+        assert forward(p, ws=ws, ws_bytes=needed) in (
+            status("LF_ERROR_NO_DEVICE"),
+            status("LF_ERROR_ARCH"),
+        )
 
 
 def test_error_message_is_per_thread_and_cleared_on_success():

@@ -361,6 +361,7 @@ _PERSISTENT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("sched", ["persistent", "dynamic"])
 @pytest.mark.parametrize(
     "fwd, d, b, nq, nk, hq, hk, causal, window, varlen",
     [
@@ -370,11 +371,13 @@ _PERSISTENT_CASES = [
     ],
 )
 def test_persistent_forward_equals_one_cta_per_tile(
-    monkeypatch, fwd, d, b, nq, nk, hq, hk, causal, window, varlen
+    monkeypatch, sched, fwd, d, b, nq, nk, hq, hk, causal, window, varlen
 ):
-    """The persistent forward (one CTA per SM walking the tiles) computes each tile exactly as a
-    grid of one CTA per tile does, so out and lse must be bitwise equal; NaN-poisoned memory
-    under the outputs catches a tile that no CTA takes."""
+    """The persistent forward (one CTA per SM walking the tiles, on the static or the dynamic
+    schedule) computes each tile exactly as a grid of one CTA per tile does, so out and lse must
+    be bitwise equal, also with the grid capped at 5 CTAs (LONGFLASH_CUDA_FWD_CTAS); NaN-poisoned
+    memory under the outputs catches a tile that no CTA takes. (The v3 kernels have no dynamic
+    schedule and run the static one for it.)"""
     from longflash.frontends import torch as lft
     from longflash_cuda import _lib, _torch
 
@@ -406,17 +409,24 @@ def test_persistent_forward_equals_one_cta_per_tile(
             window=window,
         )
     results = []
-    for grid in ("persistent", "grid"):
+    # the grid as sized for the GPU, then capped at 5 CTAs (dozens of tiles each), then one CTA
+    # per tile
+    for grid, ctas in ((sched, None), (sched, "5"), ("grid", None)):
         monkeypatch.setenv("LONGFLASH_CUDA_FWD", f"{fwd}+{grid}")
+        if ctas is None:
+            monkeypatch.delenv("LONGFLASH_CUDA_FWD_CTAS", raising=False)
+        else:
+            monkeypatch.setenv("LONGFLASH_CUDA_FWD_CTAS", ctas)
         poison = torch.full((1 << 26,), float("nan"), device="cuda")
         del poison
         out, lse = _torch.forward(call, q, k, v)
         torch.cuda.synchronize()
         results.append((out, lse))
-    (out_p, lse_p), (out_g, lse_g) = results
+    (out_p, lse_p), *others = results
     assert not torch.isnan(out_p).any() and not torch.isnan(lse_p).any()
-    assert torch.equal(out_p, out_g)
-    assert torch.equal(lse_p, lse_g)
+    for out_g, lse_g in others:
+        assert torch.equal(out_p, out_g)
+        assert torch.equal(lse_p, lse_g)
     if varlen is None:  # and both equal the float64 reference
         ref, ref_lse = _fwd_ref64(q, k, v, call.scale, call.window, None)
         assert _rel(out_p, ref) < 2e-2
