@@ -56,6 +56,13 @@ CHECKS: dict[str, tuple[int, int, int, int, int, int, bool, str]] = {
     "hd128-4k-causal-fp16": (1, 4 * K, 4 * K, 2, 2, 128, True, "float16"),
 }
 TIMED = [(n, c) for n in (4 * K, 16 * K) for c in (False, True)]
+
+
+def timed(dims: tuple[int, ...]) -> list[tuple[int, int, int, bool]]:
+    """(D, H, N, causal) of the timing phases: the bench grid's H = 2048 / D, B = 16K / N."""
+    return [(d, 2048 // d, n, c) for d in dims for n, c in TIMED]
+
+
 VARIANTS = [(64, 64, 2), (64, 64, 3), (64, 128, 2)]
 # name: (B, Nq, Nk, Hq, Hk, D, causal, dtype); smallest first
 BWD_CHECKS: dict[str, tuple[int, int, int, int, int, int, bool, str]] = {
@@ -162,13 +169,12 @@ def peers(n: int, causal: bool, d: int) -> dict[str, Any]:
     return out
 
 
-def time_phase(budget: Budget, res: dict[str, Any], reps: int) -> None:
+def time_phase(budget: Budget, res: dict[str, Any], reps: int, dims=(128,)) -> None:
     import jax
     import jax.numpy as jnp
     from longflash.frontends import jax as fe
 
-    d, h = 128, 16
-    for n, causal in TIMED:
+    for d, h, n, causal in timed(dims):
         b = 16 * K // n
         name = f"hd{d}-{n // K}k{'-causal' if causal else ''}"
         flops = 4.0 * b * h * n * n * d / (2 if causal else 1)
@@ -337,15 +343,14 @@ def bwd_peers(causal: bool, d: int) -> dict[str, Any]:
     return out
 
 
-def bwd_time_phase(budget: Budget, res: dict[str, Any], reps: int) -> None:
+def bwd_time_phase(budget: Budget, res: dict[str, Any], reps: int, dims=(128,)) -> None:
     import jax
     import jax.numpy as jnp
     from longflash.frontends import jax as fe
     from pallas_tune import reference, rel_err, tolerances
 
     tol = tolerances()["grad"]
-    d, h = 128, 16
-    for n, causal in TIMED:
+    for d, h, n, causal in timed(dims):
         b = 16 * K // n
         name = f"hd{d}-{n // K}k{'-causal' if causal else ''}"
         flops = 2.5 * 4.0 * b * h * n * n * d / (2 if causal else 1)
@@ -539,6 +544,9 @@ def main() -> int:
     )
     ap.add_argument("--name", default="", help="suffix of the JSON file name")
     ap.add_argument("--no-fused", action="store_true", help="bwd-variants without the fused dQ")
+    ap.add_argument(
+        "--dims", default="128", help="head dims of the timing phases (H = 2048 / D), e.g. 64,128"
+    )
     args = ap.parse_args()
     budget = Budget(args.budget_s)
     import jax
@@ -562,6 +570,9 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown phases {sorted(unknown)}")
     skip = set(filter(None, args.skip.split(","))) | (set(PHASES) - set(args.phases.split(",")))
+    dims = tuple(int(x) for x in args.dims.split(","))
+    if any(d not in (64, 128, 256) for d in dims):
+        ap.error(f"--dims {args.dims}: the timing phases take 64, 128 and 256")
     log(
         budget,
         f"jax {jax.__version__} on {res['devices']}; runtime: "
@@ -570,13 +581,13 @@ def main() -> int:
     if "checks" not in skip:
         check_phase(budget, res)
     if "timing" not in skip:
-        time_phase(budget, res, args.reps)
+        time_phase(budget, res, args.reps, dims)
     if "variants" not in skip:
         variant_phase(budget, res, args.reps)
     if "bwd-checks" not in skip:
         bwd_check_phase(budget, res)
     if "bwd-timing" not in skip:
-        bwd_time_phase(budget, res, args.reps)
+        bwd_time_phase(budget, res, args.reps, dims)
     if "bwd-checks-fused" not in skip:
         bwd_check_phase(budget, res, fused=True)
     if "bwd-variants" not in skip:
