@@ -316,38 +316,46 @@ struct FwdKernelBase {
     uint32_t q_phase = 0;
   };
 
-  // The consumer main loop of the ping-pong variant: the default loop's schedule (QKᵀ(n) issued
-  // with P·V(n+1), softmax(n) under P·V), with each warpgroup's GEMM issue taking a turn. Named
-  // barrier 1 + w gates warpgroup w; it completes when w (128 threads) syncs on it and w's
-  // predecessor (128 threads) has arrived, so GEMM batches reach the tensor cores in
-  // round-robin order and each warpgroup's softmax runs under the others' GEMMs. All consumers
-  // walk the same key blocks, so each issues the same number of batches: the first consumer's
-  // first turn is a free arrival, and the last consumer skips its final arrival (nobody waits for
-  // it), which leaves every barrier balanced at the end of each tile.
+  // The consumer main loop. K and V walk the same ring; V lags K by one block, since P·V of block
+  // n is issued together with QKᵀ of block n-1 and softmax(n-1) runs while both are in flight.
+  // With kPingPong each warpgroup's GEMM issue also takes a turn: named barrier 1 + w gates
+  // warpgroup w; it completes when w (128 threads) syncs on it and w's predecessor (128 threads)
+  // has arrived, so GEMM batches reach the tensor cores in round-robin order and each
+  // warpgroup's softmax runs under the others' GEMMs. All consumers walk the same key blocks, so
+  // each issues the same number of batches: the first consumer's first turn is a free arrival,
+  // and the last consumer skips its final arrival (nobody waits for it), which leaves every
+  // barrier balanced at the end of each tile.
   template <class MmaQK, class MmaPV, class TQ, class TK, class TV, class TS, class TO, class ORc,
             class Softmax>
-  static __device__ __forceinline__ void mainloop_pingpong(SharedStorage& ss, ConsumerState& cs,
-                                                           int n_lo, int n_hi, int wgc,
-                                                           MmaQK& mma_qk, MmaPV& mma_pv,
-                                                           TQ const& tSrQ, TK const& tSrK,
-                                                           TV const& tOrV, TS& tSrS, TO& tOrO,
-                                                           ORc& O_rc, Softmax& softmax_step) {
+  static __device__ __forceinline__ void mainloop(SharedStorage& ss, ConsumerState& cs, int n_lo,
+                                                  int n_hi, int wgc, MmaQK& mma_qk,
+                                                  MmaPV& mma_pv, TQ const& tSrQ, TK const& tSrK,
+                                                  TV const& tOrV, TS& tSrS, TO& tOrO, ORc& O_rc,
+                                                  Softmax& softmax_step) {
     constexpr int kRows = decltype(size<0>(O_rc))::value;
     constexpr int kTurnThreads = 2 * 128;
     int const my_turn = 1 + wgc;
     int const next_turn = 1 + (wgc + 1 == kConsumerWGs ? 0 : wgc + 1);
+    auto take_turn = [&] {
+      if constexpr (kPingPong) named_sync(my_turn, kTurnThreads);
+    };
+    auto pass_turn = [&] {
+      if constexpr (kPingPong) named_arrive(next_turn, kTurnThreads);
+    };
     RingState<kStages>& st_k = cs.st_k;
     RingState<kStages>& st_v = cs.st_v;
-    if (wgc == 0) named_arrive(my_turn, kTurnThreads);
+    if constexpr (kPingPong) {
+      if (wgc == 0) named_arrive(my_turn, kTurnThreads);
+    }
     TxBarrier::wait(&ss.bar_q, cs.q_phase);
     float corr[kRows];
     Tensor rP = make_tensor<Element>(tSrS.layout());
     Tensor tOrP = make_tensor(rP.data(), acc_as_A(rP.layout()));
 
     Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
-    named_sync(my_turn, kTurnThreads);
+    take_turn();
     wg_gemm<true, -1, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
-    named_arrive(next_turn, kTurnThreads);
+    pass_turn();
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
     Barrier::arrive(&ss.k_empty[st_k.index]);
@@ -358,13 +366,20 @@ struct FwdKernelBase {
     for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<Element>(tSrS(i));
 
     for (int n = n_hi - 1; n >= n_lo; --n) {
-      // Wait for the data before taking the turn, so a late tile never holds up the others.
-      Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
-      Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
-      named_sync(my_turn, kTurnThreads);
-      wg_gemm<true, -1, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
-      wg_gemm<false, -1, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
-      named_arrive(next_turn, kTurnThreads);
+      if constexpr (kPingPong) {
+        // Wait for the data before taking the turn, so a late tile never holds up the others.
+        Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
+        Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
+        take_turn();
+        wg_gemm<true, -1, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
+        wg_gemm<false, -1, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
+        pass_turn();
+      } else {
+        Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
+        wg_gemm<true, -1, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
+        Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
+        wg_gemm<false, -1, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
+      }
       warpgroup_wait<1>();  // QKᵀ of block n is done (batches complete in issue order)
       warpgroup_fence_operand(tSrS);
       Barrier::arrive(&ss.k_empty[st_k.index]);
@@ -385,69 +400,12 @@ struct FwdKernelBase {
       for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<Element>(tSrS(i));
     }
     Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
-    named_sync(my_turn, kTurnThreads);
+    take_turn();
     wg_gemm<false, -1, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
-    if (wgc + 1 != kConsumerWGs) named_arrive(next_turn, kTurnThreads);
+    if (wgc + 1 != kConsumerWGs) pass_turn();
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
     warpgroup_fence_operand(rP);
-    Barrier::arrive(&ss.v_empty[st_v.index]);
-    st_v.advance();
-  }
-
-  // The default consumer main loop. K and V walk the same ring; V lags K by one block, since
-  // P·V of block n is issued together with QKᵀ of the next block and softmax(next) runs while
-  // both are in flight.
-  template <class MmaQK, class MmaPV, class TQ, class TK, class TV, class TS, class TO, class ORc,
-            class Softmax>
-  static __device__ __forceinline__ void mainloop(SharedStorage& ss, ConsumerState& cs, int n_lo,
-                                                  int n_hi, MmaQK& mma_qk, MmaPV& mma_pv,
-                                                  TQ const& tSrQ, TK const& tSrK, TV const& tOrV,
-                                                  TS& tSrS, TO& tOrO, ORc& O_rc,
-                                                  Softmax& softmax_step) {
-    constexpr int kRows = decltype(size<0>(O_rc))::value;
-    RingState<kStages>& st_k = cs.st_k;
-    RingState<kStages>& st_v = cs.st_v;
-    TxBarrier::wait(&ss.bar_q, cs.q_phase);
-    float corr[kRows];
-    Tensor rP = make_tensor<Element>(tSrS.layout());
-    Tensor tOrP = make_tensor(rP.data(), acc_as_A(rP.layout()));
-
-    Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
-    wg_gemm<true, 0, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
-    Barrier::arrive(&ss.k_empty[st_k.index]);
-    if (n_lo == n_hi) Barrier::arrive(&ss.q_empty);
-    st_k.advance();
-    softmax_step(n_hi, corr);
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<Element>(tSrS(i));
-
-    for (int n = n_hi - 1; n >= n_lo; --n) {
-      Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
-      wg_gemm<true, -1, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
-      Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
-      wg_gemm<false, -1, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
-      warpgroup_wait<1>();  // QKᵀ of block n is done (batches complete in issue order)
-      warpgroup_fence_operand(tSrS);
-      Barrier::arrive(&ss.k_empty[st_k.index]);
-      if (n == n_lo) Barrier::arrive(&ss.q_empty);
-      st_k.advance();
-      softmax_step(n, corr);
-      warpgroup_wait<0>();  // P·V of the previous block is done: O and P are free again
-      warpgroup_fence_operand(tOrO);
-      warpgroup_fence_operand(rP);
-      Barrier::arrive(&ss.v_empty[st_v.index]);
-      st_v.advance();
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= corr[r];
-      }
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<Element>(tSrS(i));
-    }
-    Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
-    wg_gemm<false, 0, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
     Barrier::arrive(&ss.v_empty[st_v.index]);
     st_v.advance();
   }
@@ -561,13 +519,8 @@ struct FwdKernelBase {
       };
 
       if (n_lo <= n_hi) {
-        if constexpr (kPingPong) {
-          mainloop_pingpong(ss, cs, n_lo, n_hi, tid / 128, mma_qk, mma_pv, tSrQ, tSrK, tOrV, tSrS,
-                            tOrO, O_rc, softmax_step);
-        } else {
-          mainloop(ss, cs, n_lo, n_hi, mma_qk, mma_pv, tSrQ, tSrK, tOrV, tSrS, tOrO, O_rc,
-                   softmax_step);
-        }
+        mainloop(ss, cs, n_lo, n_hi, tid / 128, mma_qk, mma_pv, tSrQ, tSrK, tOrV, tSrS, tOrO,
+                 O_rc, softmax_step);
         cs.q_phase ^= 1;
       }
 
