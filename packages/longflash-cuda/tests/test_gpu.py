@@ -188,27 +188,14 @@ def _bwd_ref64(q, k, v, dout, scale, causal):
 def test_backward_v7_varlen_tiles_match_float64(monkeypatch, d, lq, lk, hq, hk, causal):
     """LONGFLASH_CUDA_BWD=v7 on packed sequences whose starts and ends fall everywhere relative to
     its dQ tiles, against float64 per sequence, NaN-poisoned so an unwritten dq row fails."""
-    from longflash.frontends import torch as lft
     from longflash_cuda import _lib, _torch
 
     if (d, d) not in _lib.compiled_head_dims(_lib.load()[0])["bfloat16"]:
         pytest.skip(f"hd{d} bf16 is not in this build")
     monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v7")
     torch.manual_seed(0)
-    cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32).cuda()
-    cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32).cuda()
-    q = torch.randn(sum(lq), hq, d, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(sum(lk), hk, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(sum(lk), hk, d, device="cuda", dtype=torch.bfloat16)
-    call = lft.make_call(
-        q,
-        k,
-        v,
-        causal=causal,
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        max_seqlen_q=max(lq),
-        max_seqlen_k=max(lk),
+    q, k, v, call, (cu_q, cu_k) = _forward_inputs(
+        d, 1, 0, 0, hq, hk, torch.bfloat16, (lq, lk), causal=causal
     )
     out, lse = _torch.forward(call, q, k, v)
     dout = torch.randn_like(out)
@@ -237,6 +224,35 @@ def test_backward_v7_varlen_tiles_match_float64(monkeypatch, d, lq, lk, hq, hk, 
         qs, qe = int(cu_q[i]), int(cu_q[i + 1])
         if qe > qs and want[0][qs:qe].norm() > 0:
             assert _rel(dq[qs:qe], want[0][qs:qe]) < 3e-2
+
+
+def _forward_inputs(d, b, nq, nk, hq, hk, dt, varlen, **kw):
+    """Random (q, k, v) and their call: dense (b, n, h, d), or packed sequences of lengths
+    varlen = (lq, lk). Returns q, k, v, call and the cu_seqlens pair (None when dense)."""
+    from longflash.frontends import torch as lft
+
+    if varlen is None:
+        q = torch.randn(b, nq, hq, d, device="cuda", dtype=dt)
+        k = torch.randn(b, nk, hk, d, device="cuda", dtype=dt)
+        v = torch.randn(b, nk, hk, d, device="cuda", dtype=dt)
+        return q, k, v, lft.make_call(q, k, v, **kw), None
+    lq, lk = varlen
+    cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32).cuda()
+    cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32).cuda()
+    q = torch.randn(sum(lq), hq, d, device="cuda", dtype=dt)
+    k = torch.randn(sum(lk), hk, d, device="cuda", dtype=dt)
+    v = torch.randn(sum(lk), hk, d, device="cuda", dtype=dt)
+    call = lft.make_call(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max(lq),
+        max_seqlen_k=max(lk),
+        **kw,
+    )
+    return q, k, v, call, (cu_q, cu_k)
 
 
 def _fwd_ref64(q, k, v, scale, window, softcap):
@@ -290,7 +306,6 @@ def test_forward_v3_hd64_matches_float64(
 ):
     """LONGFLASH_CUDA_FWD=v3 (hd64: 192-query CTAs, three consumer warpgroups) against float64,
     out and lse, with NaN-poisoned memory under the outputs so an unwritten element fails."""
-    from longflash.frontends import torch as lft
     from longflash_cuda import _lib, _torch
 
     dt = torch.bfloat16 if dtype == "bf16" else torch.float16
@@ -300,29 +315,9 @@ def test_forward_v3_hd64_matches_float64(
     monkeypatch.setenv("LONGFLASH_CUDA_FWD", variant)
     torch.manual_seed(0)
     kw = dict(causal=causal, window=window, softcap=softcap)
-    if varlen is None:
-        q = torch.randn(b, nq, hq, 64, device="cuda", dtype=dt)
-        k = torch.randn(b, nk, hk, 64, device="cuda", dtype=dt)
-        v = torch.randn(b, nk, hk, 64, device="cuda", dtype=dt)
-        call = lft.make_call(q, k, v, **kw)
-    else:
-        lq, lk = varlen
-        cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32)
-        cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32)
-        cu_q, cu_k = cu_q.cuda(), cu_k.cuda()
-        q = torch.randn(sum(lq), hq, 64, device="cuda", dtype=dt)
-        k = torch.randn(sum(lk), hk, 64, device="cuda", dtype=dt)
-        v = torch.randn(sum(lk), hk, 64, device="cuda", dtype=dt)
-        call = lft.make_call(
-            q,
-            k,
-            v,
-            cu_seqlens_q=cu_q,
-            cu_seqlens_k=cu_k,
-            max_seqlen_q=max(lq),
-            max_seqlen_k=max(lk),
-            **kw,
-        )
+    q, k, v, call, cu = _forward_inputs(64, b, nq, nk, hq, hk, dt, varlen, **kw)
+    if varlen is not None:
+        (lq, _), (cu_q, cu_k) = varlen, cu
     poison = torch.full((1 << 26,), float("nan"), device="cuda")
     del poison
     out, lse = _torch.forward(call, q, k, v)
@@ -378,36 +373,14 @@ def test_persistent_forward_equals_one_cta_per_tile(
     be bitwise equal, also with the grid capped at 5 CTAs (LONGFLASH_CUDA_FWD_CTAS); NaN-poisoned
     memory under the outputs catches a tile that no CTA takes. (The v3 kernels have no dynamic
     schedule and run the static one for it.)"""
-    from longflash.frontends import torch as lft
     from longflash_cuda import _lib, _torch
 
     if (d, d) not in _lib.compiled_head_dims(_lib.load()[0])["bfloat16"]:
         pytest.skip(f"hd{d} bf16 is not in this build")
     torch.manual_seed(0)
-    dt = torch.bfloat16
-    if varlen is None:
-        q = torch.randn(b, nq, hq, d, device="cuda", dtype=dt)
-        k = torch.randn(b, nk, hk, d, device="cuda", dtype=dt)
-        v = torch.randn(b, nk, hk, d, device="cuda", dtype=dt)
-        call = lft.make_call(q, k, v, causal=causal, window=window)
-    else:
-        lq, lk = varlen
-        cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32).cuda()
-        cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32).cuda()
-        q = torch.randn(sum(lq), hq, d, device="cuda", dtype=dt)
-        k = torch.randn(sum(lk), hk, d, device="cuda", dtype=dt)
-        v = torch.randn(sum(lk), hk, d, device="cuda", dtype=dt)
-        call = lft.make_call(
-            q,
-            k,
-            v,
-            cu_seqlens_q=cu_q,
-            cu_seqlens_k=cu_k,
-            max_seqlen_q=max(lq),
-            max_seqlen_k=max(lk),
-            causal=causal,
-            window=window,
-        )
+    q, k, v, call, _ = _forward_inputs(
+        d, b, nq, nk, hq, hk, torch.bfloat16, varlen, causal=causal, window=window
+    )
     results = []
     # the grid as sized for the GPU, then capped at 5 CTAs (dozens of tiles each), then one CTA
     # per tile
