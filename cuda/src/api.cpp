@@ -290,11 +290,10 @@ int bwd_version() {
   return kBwdDefault;
 }
 
-// Forward variant from LONGFLASH_CUDA_FWD = <kernel>[+grid]: <kernel> is "v3", or "v3-no-pingpong"
-// / "v3-emu" for A/B timing, or "default"; unset or unknown: the default. v3 exists at hd64 only;
-// other head dims run the default whatever this says. "+grid" (or "grid" alone) launches one CTA
-// per tile instead of the persistent grid, for A/B timing. Read on every call like
-// LONGFLASH_CUDA_BWD.
+// Forward variant from LONGFLASH_CUDA_FWD = <kernel>[+<grid>]: <kernel> is "v3", or
+// "v3-no-pingpong" / "v3-emu" for A/B timing, or "default"; unset or unknown: the default. v3
+// exists at hd64 only; other head dims run the default whatever this says. The "+<grid>" suffix is
+// fwd_grid's. Read on every call like LONGFLASH_CUDA_BWD.
 int fwd_version() {
   char const* e = std::getenv("LONGFLASH_CUDA_FWD");
   if (e == nullptr || *e == '\0') return kFwdDefault;

@@ -43,13 +43,17 @@ cudaError_t launch_fwd_kernel(FwdArgs const& a, cudaStream_t stream) {
       int64_t((s.seqlen_q + K::kBlockM - 1) / K::kBlockM) * s.heads_q * s.batch;
   int64_t grid = tiles;
   if (a.fwd_grid != kFwdGridPerTile) {
-    int sms = 0, per_sm = 0;
+    int sms = 0;
     err = sm_count(sms);
     if (err != cudaSuccess) return err;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, K::kThreads,
-                                                        K::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    grid = std::min<int64_t>(tiles, int64_t(sms) * std::max(per_sm, 1));
+    // CTAs of this kernel that fit on one SM: a property of the kernel and the architecture, so
+    // asked once per kernel rather than on every launch.
+    static int const per_sm = [kernel] {
+      int n = 0;
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, K::kThreads, K::kSmemBytes);
+      return std::max(n, 1);
+    }();
+    grid = std::min<int64_t>(tiles, int64_t(sms) * per_sm);
     if (a.max_ctas > 0) grid = std::min<int64_t>(grid, a.max_ctas);
   }
   if (grid == 0) return cudaSuccess;
