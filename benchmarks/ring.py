@@ -90,6 +90,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--no-sim", dest="sim", action="store_false", help="skip the simulation")
     ap.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        help="several devices: skip checking every variant's output and gradients against "
+        "one device's attention over the whole sequence",
+    )
+    ap.add_argument(
+        "--check-backend",
+        default=None,
+        help="backend of that one-device result (default: the ring's); another backend "
+        "checks the ring's blocks against an independent kernel",
+    )
+    ap.add_argument(
         "--allow-reference",
         action="store_true",
         help="let 'auto' fall back to the reference backend on a GPU at >= 256K "
@@ -117,16 +130,17 @@ def _window_arg(text: str) -> tuple[int | None, int | None]:
 
 
 # -- shared bits ----------------------------------------------------------------------
-def _flops(args: argparse.Namespace, backward: bool) -> float:
+def _flops(args: argparse.Namespace, backward: bool, n: int | None = None) -> float:
+    """FLOPs of one attention over ``n`` tokens (default: the whole sequence)."""
     from longflash.bench.cases import attention_flops
     from longflash.call import normalize_window
 
+    n = args.seqlen if n is None else n
     band = normalize_window(args.causal, args.window)
     if band is not None and band != (None, 0):
         # A window counts its visible pairs (4 FLOPs per pair and head dim, as the
         # causal convention counts half of N^2); 2.5x for the backward.
         left, right = band
-        n = args.seqlen
         pairs = sum(
             min(n, i + 1 + (n if right is None else right))
             - max(0, i - (n if left is None else left))
@@ -136,8 +150,8 @@ def _flops(args: argparse.Namespace, backward: bool) -> float:
     return attention_flops(
         args.batch,
         args.heads,
-        args.seqlen,
-        args.seqlen,
+        n,
+        n,
         args.dim,
         causal=args.causal,
         direction="bwd" if backward else "fwd",
@@ -293,18 +307,20 @@ def _reset_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def torch_t1(args, device, clock: Clock) -> dict[str, Any]:
-    """One attention over the whole sequence: forward (as run for training, saving what
-    the backward needs) and backward, median of reps."""
+def torch_t1(args, device, clock: Clock, n: int | None = None) -> dict[str, Any]:
+    """One attention over ``n`` tokens (default: the whole sequence) on this device:
+    forward (as run for training, saving what the backward needs) and backward, median of
+    reps. At n = N/P it is the weak-scaling baseline: one GPU's speed at a rank's length."""
     import longflash
 
-    if args.t1_from is not None:
+    n = args.seqlen if n is None else n
+    if args.t1_from is not None and n == args.seqlen:
         t1 = json.loads(args.t1_from.read_text())["t1"]
         if t1 is None or t1["seqlen"] != args.seqlen:
             raise SystemExit(f"{args.t1_from} holds no T1 at N={args.seqlen}")
         print(f"T1 from {args.t1_from}: fwd+bwd {t1['fwd_bwd_ms']:.1f} ms")
         return {**t1, "from": str(args.t1_from)}
-    q, k, v, dout = _torch_inputs(args, device, args.seqlen, seed=0, grad=True)
+    q, k, v, dout = _torch_inputs(args, device, n, seed=0, grad=True)
     fwd, bwd = [], []
     _reset_peak(device)
     for i in range(args.warmup + args.reps):
@@ -321,22 +337,100 @@ def torch_t1(args, device, clock: Clock) -> dict[str, Any]:
         q.grad = k.grad = v.grad = None
     f, b = _median(fwd), _median(bwd)
     res = {
-        "seqlen": args.seqlen,
+        "seqlen": n,
         "fwd_ms": f,
         "bwd_ms": b,
         "fwd_bwd_ms": f + b,
-        "fwd_tflops": _flops(args, False) / f / 1e9,
-        "bwd_tflops": _flops(args, True) / b / 1e9,
+        "fwd_tflops": _flops(args, False, n) / f / 1e9,
+        "bwd_tflops": _flops(args, True, n) / b / 1e9,
+        "fwd_bwd_tflops": (_flops(args, False, n) + _flops(args, True, n)) / (f + b) / 1e9,
         "fwd_ms_all": fwd,
         "bwd_ms_all": bwd,
         "peak_mem_gib": _peak(device),
     }
     peak = "n/a" if res["peak_mem_gib"] is None else f"{res['peak_mem_gib']:.1f} GiB"
     print(
-        f"T1  N={args.seqlen}: fwd {f:.1f} ms ({res['fwd_tflops']:.3g} TFLOP/s), "
+        f"T1  N={n}: fwd {f:.1f} ms ({res['fwd_tflops']:.3g} TFLOP/s), "
         f"bwd {b:.1f} ms ({res['bwd_tflops']:.3g} TFLOP/s), peak {peak}"
     )
     return res
+
+
+def _check_tolerance(dtype: str, name: str) -> float:
+    """The conformance suite's bound for ``name`` (out, dq, dk, dv) in ``dtype``: each
+    side of the comparison is itself within it of exact attention."""
+    from longflash.testing import TOLERANCES
+
+    return TOLERANCES[dtype]["out" if name == "out" else "grad"]
+
+
+def _check_entry(dtype: str, errors: dict[str, float]) -> dict[str, Any]:
+    bounds = {name: _check_tolerance(dtype, name) for name in errors}
+    # `not e <= bound` also fails a NaN
+    return {
+        "rel_error": errors,
+        "bound": bounds,
+        "ok": all(not (not e <= bounds[name]) for name, e in errors.items()),
+    }
+
+
+def _variants(args, world: int) -> list[tuple[str, str]]:
+    """(fn, layout): the ring in each layout, and Ulysses when the heads divide."""
+    variants = [("ring", lay) for lay in args.layouts]
+    if args.heads % world == 0 and (args.kv_heads or args.heads) % world == 0:
+        variants.append(("ulysses", "contiguous"))
+    return variants
+
+
+def _ring_fn(fn: str, layout: str, args, backend: str, **kw):
+    """The distributed call of one variant, as the user writes it."""
+    import longflash.distributed as lfd
+
+    if fn == "ring":
+        return lambda q, k, v: lfd.ring_attention(
+            q, k, v, **args.mask, layout=layout, backend=backend, **kw
+        )
+    return lambda q, k, v: lfd.ulysses_attention(q, k, v, **args.mask, backend=backend, **kw)
+
+
+def torch_check(args, device, backend: str, variants) -> list[dict[str, Any]]:
+    """Every variant's output and gradients on this rank against attention over the whole
+    sequence on this one device (backend ``--check-backend``, default the ring's), cut to
+    the rank's shard: relative Frobenius error within the conformance suite's bounds."""
+    import longflash
+    import longflash.distributed as lfd
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    q, k, v, dout = _torch_inputs(args, device, args.seqlen, seed=0, grad=True)
+    ref_backend = args.check_backend or backend
+    out = longflash.attention(q, k, v, **args.mask, backend=ref_backend)
+    out.backward(dout)
+    ref = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    q.grad = k.grad = v.grad = None
+    del out
+
+    def rel(x, want) -> float:
+        x, want = x.float(), want.float()
+        return float((x - want).norm() / want.norm())
+
+    results = []
+    for fn, layout in variants:
+
+        def shard(x, layout=layout):
+            return lfd.shard_sequence(x.detach(), rank, world, layout).contiguous()
+
+        qs, ks, vs = (shard(x).requires_grad_() for x in (q, k, v))
+        out = _ring_fn(fn, layout, args, backend)(qs, ks, vs)
+        out.backward(shard(dout))
+        got = {"out": out.detach(), "dq": qs.grad, "dk": ks.grad, "dv": vs.grad}
+        errors = {name: rel(got[name], shard(ref[name])) for name in got}
+        results.append(
+            {"fn": fn, "layout": layout, "reference_backend": ref_backend}
+            | _check_entry(args.dtype, errors)
+        )
+        del qs, ks, vs, out, got
+    return results
 
 
 def _warm_blocks(q, k, v, dout, cfgs) -> None:
@@ -450,7 +544,6 @@ def torch_simulation(args, device, clock: Clock, backend: str, t1: dict | None) 
 
 def torch_multi(args, device, clock: Clock) -> dict[str, Any]:
     """The real ring (and Ulysses) across the torchrun world."""
-    import longflash.distributed as lfd
     import torch
     import torch.distributed as dist
     from longflash.distributed.schedule import check_length
@@ -463,19 +556,12 @@ def torch_multi(args, device, clock: Clock) -> dict[str, Any]:
     n = args.seqlen // world
     q, k, v, dout = _torch_inputs(args, device, n, seed=1000 + rank, grad=True)
     backend = _resolve_backend(args, q, k, v)
-    variants = [("ring", lay) for lay in args.layouts]
-    if args.heads % world == 0 and (args.kv_heads or args.heads) % world == 0:
-        variants.append(("ulysses", "contiguous"))
     results = []
-    for fn, layout in variants:
-        if fn == "ring":
+    for fn, layout in _variants(args, world):
+        attend = _ring_fn(fn, layout, args, backend)
 
-            def run(layout=layout):
-                return lfd.ring_attention(q, k, v, **args.mask, layout=layout, backend=backend)
-        else:
-
-            def run():
-                return lfd.ulysses_attention(q, k, v, **args.mask, backend=backend)
+        def run(attend=attend):
+            return attend(q, k, v)
 
         fwd, bwd = [], []
         _reset_peak(device)
@@ -591,15 +677,24 @@ def torch_main(args) -> None:
         if device_kind == "cuda":
             info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
         doc = _document(args, "multi", info)
-        if args.t1 and dist.get_rank() == 0:
-            # The baseline on one GPU while the others wait, for T1 / (P * T_P).
-            doc["t1"] = torch_t1(args, device, clock)
-        dist.barrier()
         doc["ring"] = torch_multi(args, device, clock)
-        if dist.get_rank() == 0:
-            _summarise_multi(doc)
+        rank = dist.get_rank()
+        if args.t1 and rank == 0:
+            # One GPU while the others wait: T1(N), the same-N baseline, and T1(N/P) at
+            # one rank's length, the weak-scaling baseline.
+            doc["t1"] = torch_t1(args, device, clock)
+            doc["t1_local"] = torch_t1(args, device, clock, args.seqlen // world)
+        dist.barrier()
+        if args.check:
+            checks = torch_check(args, device, doc["ring"]["backend"], _variants(args, world))
+            doc["check"] = [None] * world
+            dist.all_gather_object(doc["check"], checks)
+        if rank == 0:
+            doc["summary"] = multi_summary(doc)
             _write(doc, args.out, plot_multi)
         dist.destroy_process_group()
+        if args.check and not all(c["ok"] for rank_checks in doc["check"] for c in rank_checks):
+            raise SystemExit("the ring's result departs from one device's; see the check above")
         return
     doc = _document(args, "single", info)
     # Resolved once on the full call's shapes (uninitialised: only shapes are read).
@@ -623,20 +718,114 @@ def torch_main(args) -> None:
     _write(doc, args.out, plot_single)
 
 
-def _summarise_multi(doc: dict[str, Any]) -> None:
+def _efficiencies(doc: dict[str, Any], fwd_bwd_ms: float, world: int) -> dict[str, float]:
+    """Same-N speed-up T1(N)/T_P, its efficiency T1(N)/(P·T_P), and the weak-scaling
+    efficiency: per-GPU TFLOP/s of the P-device run over one GPU's at N/P tokens."""
+    out: dict[str, float] = {}
+    t1, local = doc.get("t1"), doc.get("t1_local")
+    if t1:
+        out["speedup"] = t1["fwd_bwd_ms"] / fwd_bwd_ms
+        out["efficiency_same_n"] = out["speedup"] / world
+    if local:
+        out["per_gpu_tflops"] = _tflops(doc, doc["config"]["seqlen"], fwd_bwd_ms) / world
+        out["efficiency_weak"] = out["per_gpu_tflops"] / _tflops(
+            doc, local["seqlen"], local["fwd_bwd_ms"]
+        )
+    return out
+
+
+def _tflops(doc: dict[str, Any], n: int, fwd_bwd_ms: float) -> float:
+    """Forward+backward TFLOP/s of one attention over n tokens, in doc's configuration."""
+    c = doc["config"]
+    args = argparse.Namespace(
+        **{**c, "window": None if c["window"] is None else tuple(c["window"])}
+    )
+    return (_flops(args, False, n) + _flops(args, True, n)) / fwd_bwd_ms / 1e9
+
+
+def multi_summary(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per variant (torch): the slowest rank, exposed communication, peak memory,
+    the check and the efficiencies; printed as a table."""
     ring = doc["ring"]
-    print(f"P={ring['world']} N={doc['config']['seqlen']} backend {ring['backend']}")
-    t1 = doc.get("t1")
+    world = ring["world"]
+    rows = []
     for i, entry in enumerate(ring["ranks"][0]["results"]):
         per_rank = [r["results"][i] for r in ring["ranks"]]
-        total = max(e["fwd_ms"] + e["bwd_ms"] for e in per_rank)
-        line = f"  {entry['fn']:8s}{entry['layout']:11s} slowest rank fwd+bwd {total:.1f} ms"
+        totals = [e["fwd_ms"] + e["bwd_ms"] for e in per_rank]
+        row: dict[str, Any] = {
+            "fn": entry["fn"],
+            "layout": entry["layout"],
+            "slowest_rank": max(range(world), key=totals.__getitem__),
+            "fwd_bwd_ms": max(totals),
+            "fwd_ms": max(e["fwd_ms"] for e in per_rank),
+            "bwd_ms": max(e["bwd_ms"] for e in per_rank),
+            "peak_mem_gib": max((e["peak_mem_gib"] or 0.0) for e in per_rank) or None,
+        }
         if "compute_fwd_ms" in entry:
-            exposed = max(e["exposed_comm_fwd_ms"] + e["exposed_comm_bwd_ms"] for e in per_rank)
-            line += f", exposed comm (max over ranks) {exposed:.1f} ms"
-        if t1:
-            line += f", T1/(P*T_P) {t1['fwd_bwd_ms'] / (ring['world'] * total):.2f}"
-        print(line)
+            row["exposed_comm_ms"] = max(
+                e["exposed_comm_fwd_ms"] + e["exposed_comm_bwd_ms"] for e in per_rank
+            )
+        row |= _efficiencies(doc, row["fwd_bwd_ms"], world)
+        if doc.get("check"):
+            checks = [c[i] for c in doc["check"]]
+            row["check_ok"] = all(c["ok"] for c in checks)
+            row["check_rel_error"] = {
+                name: max(c["rel_error"][name] for c in checks) for name in checks[0]["rel_error"]
+            }
+        rows.append(row)
+    _print_summary(doc, rows)
+    return rows
+
+
+def _print_summary(doc: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    c = doc["config"]
+    world = doc["ring"]["world"]
+    backend = doc["ring"].get("backend", c["backend"])
+    table = Table(title=f"P = {world}, N = {c['seqlen']:,}, backend {backend}")
+    for col in (
+        "variant",
+        "fwd+bwd ms",
+        "slowest",
+        "exposed comm ms",
+        "peak GiB",
+        "T1/T_P",
+        "same-N eff",
+        "TFLOP/s per GPU",
+        "weak eff",
+        "check (max rel err)",
+    ):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        check = "-"
+        if "check_ok" in r:
+            worst = max(r["check_rel_error"].values())
+            check = f"{'ok' if r['check_ok'] else 'FAIL'} {worst:.1e}"
+        table.add_row(
+            f"{r['fn']} {r['layout']}",
+            fmt(r["fwd_bwd_ms"], ".1f"),
+            fmt(r.get("slowest_rank"), "d"),
+            fmt(r.get("exposed_comm_ms"), ".1f"),
+            fmt(r.get("peak_mem_gib"), ".1f"),
+            fmt(r.get("speedup"), ".2f"),
+            fmt(r.get("efficiency_same_n"), ".2f"),
+            fmt(r.get("per_gpu_tflops"), ".3g"),
+            fmt(r.get("efficiency_weak"), ".2f"),
+            check,
+        )
+    for key, label in (("t1", "T1(N)"), ("t1_local", "T1(N/P)")):
+        t = doc.get(key)
+        if t:
+            tf = _tflops(doc, t["seqlen"], t["fwd_bwd_ms"])
+            table.caption = (table.caption + "; " if table.caption else "") + (
+                f"{label} {t['fwd_bwd_ms']:.1f} ms ({tf:.3g} TFLOP/s)"
+            )
+    Console(width=160).print(table)
 
 
 # -- JAX -----------------------------------------------------------------------------------
@@ -657,11 +846,19 @@ def jax_main(args) -> None:
     devices = jax.devices("gpu" if platform_ == "cuda" else platform_)
     p = len(devices)
     mesh = jax.make_mesh((p,), ("sp",), devices=devices)
-    base = GPU_POLICY if platform_ in ("cuda", "gpu") else CPU_POLICY
+    on_gpu = platform_ in ("cuda", "gpu")
+    base = GPU_POLICY if on_gpu else CPU_POLICY
+    # Compiled ahead, so the one estimating run is the warm-up: at 1M tokens a run takes
+    # seconds.
     policy = TimingPolicy(
-        base.warmup_ms, base.rep_ms, min(args.reps, base.min_reps), base.max_reps, reps=args.reps
+        base.warmup_ms,
+        base.rep_ms,
+        min(args.reps, base.min_reps),
+        base.max_reps,
+        reps=args.reps,
+        estimate_runs=1,
     )
-    gpu = {"name": devices[0].device_kind, "count": p} if platform_ in ("cuda", "gpu") else None
+    gpu = {"name": devices[0].device_kind, "count": p} if on_gpu else None
     doc = _document(args, "jax", {"gpu": gpu, "devices": p})
     dtype = jnp.dtype(args.dtype)
     hk = args.kv_heads or args.heads
@@ -673,51 +870,157 @@ def jax_main(args) -> None:
         for key, s in zip(keys, shapes)
     )
 
-    def timed(fn):
-        fwd = jax.jit(fn)
-        step = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * dout), (0, 1, 2)))
+    def compiled(fn, *xs):
+        exe = jax.jit(fn).lower(*xs).compile()
+        mem = exe.memory_analysis()
+        # per device: arguments, outputs and XLA's temporaries, less what they share
+        gib = None
+        if mem is not None:
+            gib = (
+                mem.argument_size_in_bytes
+                + mem.output_size_in_bytes
+                + mem.temp_size_in_bytes
+                - mem.alias_size_in_bytes
+            ) / GIB
+        return exe, gib
+
+    def timed(fn, q, k, v, dout):
+        def loss(q, k, v):
+            return jnp.sum(fn(q, k, v).astype(jnp.float32) * dout.astype(jnp.float32))
+
+        fwd, _ = compiled(fn, q, k, v)
+        step, gib = compiled(jax.grad(loss, (0, 1, 2)), q, k, v)
         f = time_wallclock(lambda: fwd(q, k, v), policy, jax.block_until_ready)
         fb = time_wallclock(lambda: step(q, k, v), policy, jax.block_until_ready)
-        return {"fwd_ms": f.median_ms, "fwd_bwd_ms": fb.median_ms}
+        return {"fwd_ms": f.median_ms, "fwd_bwd_ms": fb.median_ms, "compiled_mem_gib": gib}
 
-    results = []
-    variants = [("ring", lay) for lay in args.layouts]
-    if args.heads % p == 0 and hk % p == 0:
-        variants.append(("ulysses", "contiguous"))
-    for fn, layout in variants:
-
-        def body(q, k, v, fn=fn, layout=layout):
+    def sharded(fn, layout):
+        def body(q, k, v):
             if fn == "ring":
                 return lfd.ring_attention(
                     q, k, v, axis_name="sp", **args.mask, layout=layout, backend=args.backend
                 )
             return lfd.ulysses_attention(q, k, v, axis_name="sp", **args.mask, backend=args.backend)
 
-        sharded = jax.shard_map(
+        return jax.shard_map(
             body, mesh=mesh, in_specs=(Spec(None, "sp"),) * 3, out_specs=Spec(None, "sp")
         )
-        results.append({"fn": fn, "layout": layout, **timed(sharded)})
+
+    results = []
+    for fn, layout in _variants(args, p):
+        results.append({"fn": fn, "layout": layout, **timed(sharded(fn, layout), q, k, v, dout)})
         print(
             f"{fn:8s}{layout:11s} P={p}: fwd {results[-1]['fwd_ms']:.1f} ms, fwd+bwd "
             f"{results[-1]['fwd_bwd_ms']:.1f} ms"
         )
-    doc["ring"] = {"world": p, "results": results}
+    doc["ring"] = {"world": p, "backend": args.backend, "results": results}
+
+    one = devices[0]
+    # Through the host: the mesh's sharding would otherwise stay in the arrays' types.
+    q1, k1, v1, dout1 = (jax.device_put(np.asarray(x), one) for x in (q, k, v, dout))
+    del q, k, v, dout
+
+    def single(q, k, v, backend=args.backend):
+        return longflash.attention(q, k, v, **args.mask, backend=backend)
+
     if args.t1:
-        one = jax.devices()[0]
-        # Through the host: the mesh's sharding would otherwise stay in the arrays' types.
-        q1, k1, v1, dout1 = (jax.device_put(np.asarray(x), one) for x in (q, k, v, dout))
-
-        def single(q, k, v):
-            return longflash.attention(q, k, v, **args.mask, backend=args.backend)
-
-        fwd = jax.jit(single)
-        step = jax.jit(jax.grad(lambda q, k, v: jnp.sum(single(q, k, v) * dout1), (0, 1, 2)))
-        f = time_wallclock(lambda: fwd(q1, k1, v1), policy, jax.block_until_ready)
-        fb = time_wallclock(lambda: step(q1, k1, v1), policy, jax.block_until_ready)
-        doc["t1"] = {"fwd_ms": f.median_ms, "fwd_bwd_ms": fb.median_ms}
-        print(f"T1 one device: fwd {f.median_ms:.1f} ms, fwd+bwd {fb.median_ms:.1f} ms")
+        n = args.seqlen // p
+        for key, m in (("t1", args.seqlen), ("t1_local", n)):
+            xs = [x[:, :m] for x in (q1, k1, v1, dout1)]
+            doc[key] = {"seqlen": m, **timed(single, *xs)}
+            print(
+                f"{key} one device, N={m}: fwd {doc[key]['fwd_ms']:.1f} ms, fwd+bwd "
+                f"{doc[key]['fwd_bwd_ms']:.1f} ms"
+            )
+            del xs
+    if args.check:
+        doc["check"] = jax_check(args, mesh, single, sharded, (q1, k1, v1, dout1))
+    doc["summary"] = jax_summary(doc)
+    doc["device_peak_mem_gib"] = [
+        (d.memory_stats() or {}).get("peak_bytes_in_use", 0) / GIB for d in devices
+    ]
     if jax.process_index() == 0:
-        _write(doc, args.out, plot_jax)
+        _write(doc, args.out, plot_multi)
+    if args.check and not all(c["ok"] for c in doc["check"]):
+        raise SystemExit("the ring's result departs from one device's; see the check above")
+
+
+def jax_check(args, mesh, single, sharded, inputs) -> list[dict[str, Any]]:
+    """Each variant's output and gradients, gathered on the first device, against one
+    device's attention over the whole sequence, in the variant's layout."""
+    import jax
+    import jax.numpy as jnp
+    import longflash.distributed as lfd
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as Spec
+
+    p = mesh.size
+    one = inputs[0].devices().pop()
+    q1, k1, v1, dout1 = inputs
+    ref_backend = args.check_backend or args.backend
+
+    def with_grads(fn):
+        def run(q, k, v, dout):
+            out, vjp = jax.vjp(fn, q, k, v)
+            return (out, *vjp(dout))
+
+        return jax.jit(run)
+
+    ref = with_grads(lambda q, k, v: single(q, k, v, backend=ref_backend))(q1, k1, v1, dout1)
+
+    @jax.jit
+    def rel(x, want):
+        x, want = x.astype(jnp.float32), want.astype(jnp.float32)
+        return jnp.sqrt(jnp.sum(jnp.square(x - want)) / jnp.sum(jnp.square(want)))
+
+    results = []
+    seq = NamedSharding(mesh, Spec(None, "sp"))
+    for fn, layout in _variants(args, p):
+
+        def in_layout(x, layout=layout):  # rank shards, concatenated in rank order
+            return jnp.concatenate([lfd.shard_sequence(x, r, p, layout) for r in range(p)], axis=1)
+
+        xs = [jax.device_put(in_layout(x), seq) for x in inputs]
+        got = with_grads(sharded(fn, layout))(*xs)
+        del xs
+        errors = {
+            # through the host, like the inputs: the mesh's sharding is in g's type
+            name: float(rel(jax.device_put(np.asarray(g), one), in_layout(r)))
+            for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref)
+        }
+        del got
+        results.append(
+            {"fn": fn, "layout": layout, "reference_backend": ref_backend}
+            | _check_entry(args.dtype, errors)
+        )
+        print(
+            f"check {fn} {layout}: "
+            + ", ".join(f"{k} {e:.2e}" for k, e in errors.items())
+            + (" ok" if results[-1]["ok"] else " FAIL")
+        )
+    return results
+
+
+def jax_summary(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per variant (JAX): one SPMD program, so no per-rank split."""
+    world = doc["ring"]["world"]
+    rows = []
+    for i, entry in enumerate(doc["ring"]["results"]):
+        row = {
+            "fn": entry["fn"],
+            "layout": entry["layout"],
+            "fwd_bwd_ms": entry["fwd_bwd_ms"],
+            "fwd_ms": entry["fwd_ms"],
+            "peak_mem_gib": entry["compiled_mem_gib"],
+        }
+        row |= _efficiencies(doc, row["fwd_bwd_ms"], world)
+        if doc.get("check"):
+            c = doc["check"][i]
+            row["check_ok"], row["check_rel_error"] = c["ok"], c["rel_error"]
+        rows.append(row)
+    _print_summary(doc, rows)
+    return rows
 
 
 # -- plots -------------------------------------------------------------------------------
@@ -791,61 +1094,79 @@ def plot_single(doc: dict[str, Any], path: Path) -> Path:
 
 
 def plot_multi(doc: dict[str, Any], path: Path) -> Path:
-    """Per rank and variant: fwd+bwd time of the ring, of its compute alone and of its
-    transfers alone."""
+    """Torch: per rank and variant, fwd+bwd time of the ring, of its compute alone and of
+    its transfers alone. Both frameworks: each variant's time against T1, and its same-N
+    and weak-scaling efficiencies against the 0.9 goal."""
     plt = _plt()
     ring = doc["ring"]
-    names = [f"{e['fn']} {e['layout']}" for e in ring["ranks"][0]["results"]]
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4), squeeze=False)
-    for i, (ax, name) in enumerate(zip(axes[0], names)):
-        per_rank = [r["results"][i] for r in ring["ranks"]]
-        xs = range(len(per_rank))
-        ax.bar(
-            [x - 0.27 for x in xs],
-            [e["fwd_ms"] + e["bwd_ms"] for e in per_rank],
-            0.27,
-            label="ring",
+    per_rank = "ranks" in ring
+    names = [f"{r['fn']} {r['layout']}" for r in doc["summary"]]
+    panels = (len(names) if per_rank else 0) + 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4), squeeze=False)
+    axes = list(axes[0])
+    if per_rank:
+        for i, (ax, name) in enumerate(zip(axes, names)):
+            _plot_ranks(ax, name, [r["results"][i] for r in ring["ranks"]])
+    ax_t, ax_e = axes[-2:]
+    rows = doc["summary"]
+    xs = list(range(len(rows)))
+    ax_t.bar(xs, [r["fwd_bwd_ms"] / 1e3 for r in rows], 0.6, label=f"P = {ring['world']}")
+    for key, style, label in (("t1", "--", "T1(N), one device"), ("t1_local", ":", "T1(N/P)")):
+        if doc.get(key):
+            ax_t.axhline(doc[key]["fwd_bwd_ms"] / 1e3, color="k", ls=style, lw=1, label=label)
+    ax_t.set_xticks(xs, names, rotation=15, fontsize=8)
+    ax_t.set_ylabel("fwd+bwd s (slowest rank)")
+    ax_t.legend(fontsize=8)
+    width = 0.38
+    for j, (key, label) in enumerate(
+        (
+            ("efficiency_same_n", "same N: T1(N) / (P·T_P)"),
+            ("efficiency_weak", "weak: per-GPU TFLOP/s ÷ T1(N/P)'s"),
         )
-        if "compute_fwd_ms" in per_rank[0]:
-            ax.bar(
-                list(xs),
-                [e["compute_fwd_ms"] + e["compute_bwd_ms"] for e in per_rank],
-                0.27,
-                label="compute only",
+    ):
+        vals = [r.get(key) for r in rows]
+        if any(v is not None for v in vals):
+            bars = ax_e.bar(
+                [x + (j - 0.5) * width for x in xs], [v or 0 for v in vals], width, label=label
             )
-            ax.bar(
-                [x + 0.27 for x in xs],
-                [e["comm_only_fwd_ms"] + e["comm_only_bwd_ms"] for e in per_rank],
-                0.27,
-                label="transfers only",
-            )
-        ax.set_title(name)
-        ax.set_xlabel("rank")
-        ax.set_xticks(list(xs))
-        ax.set_ylabel("fwd+bwd ms")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"P = {ring['world']}: " + _title(doc), fontsize=9)
+            ax_e.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax_e.axhline(0.9, color="r", ls="--", lw=1, label="goal 0.9")
+    ax_e.set_xticks(xs, names, rotation=15, fontsize=8)
+    ax_e.set_ylabel("efficiency")
+    top = max([v for r in rows for k, v in r.items() if k.startswith("efficiency_")] + [1.0])
+    ax_e.set_ylim(0, 1.3 * top)
+    ax_e.legend(fontsize=7, loc="lower right")
+    framework = "JAX shard_map" if doc["mode"] == "jax" else "torch.distributed"
+    fig.suptitle(f"{framework}, P = {ring['world']}: " + _title(doc), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def plot_jax(doc: dict[str, Any], path: Path) -> Path:
-    plt = _plt()
-    res = doc["ring"]["results"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = [f"{r['fn']} {r['layout']}" for r in res]
-    ax.bar(names, [r["fwd_bwd_ms"] for r in res], label=f"P = {doc['ring']['world']}")
-    if doc.get("t1"):
-        ax.axhline(doc["t1"]["fwd_bwd_ms"], color="k", ls="--", label="T1, one device")
+def _plot_ranks(ax, name: str, per_rank: list[dict[str, Any]]) -> None:
+    xs = range(len(per_rank))
+    ax.bar(
+        [x - 0.27 for x in xs], [e["fwd_ms"] + e["bwd_ms"] for e in per_rank], 0.27, label="ring"
+    )
+    if "compute_fwd_ms" in per_rank[0]:
+        ax.bar(
+            list(xs),
+            [e["compute_fwd_ms"] + e["compute_bwd_ms"] for e in per_rank],
+            0.27,
+            label="compute only",
+        )
+        ax.bar(
+            [x + 0.27 for x in xs],
+            [e["comm_only_fwd_ms"] + e["comm_only_bwd_ms"] for e in per_rank],
+            0.27,
+            label="transfers only",
+        )
+    ax.set_title(name)
+    ax.set_xlabel("rank")
+    ax.set_xticks(list(xs))
     ax.set_ylabel("fwd+bwd ms")
     ax.legend(fontsize=8)
-    ax.set_title(_title(doc), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def main(argv: list[str] | None = None) -> None:
