@@ -212,3 +212,22 @@ def test_framework_arguments():
         lfd.ulysses_attention(x, x, x, group=object(), axis_name="sp")
     with pytest.raises(ValueError, match="not a mesh axis"):
         lfd.ring_attention(x, x, x, axis_name="sp")
+
+
+def test_backend_results_without_varying_axes_differentiate_under_shard_map():
+    """A backend whose results carry no varying mesh axes (an FFI call, as the cuda
+    backend's on GPUs, or a host callback here) still differentiates inside shard_map,
+    plain and through Ulysses, with the reference backend's gradients; and the ring's
+    gradient hands its manual computations no array constants."""
+    worker = Path(__file__).with_name("_jax_callback_worker.py")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, str(worker)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = dict(line.split() for line in proc.stdout.split("\n") if line)
+    assert float(errors.pop("manual_computations")) >= 2  # the ring's forward and backward
+    assert float(errors.pop("constant_inputs")) == 0
+    assert set(errors) == {"ulysses", "local"}
+    assert all(float(e) < 1e-5 for e in errors.values()), errors

@@ -91,7 +91,13 @@ def _rank_switch(cfg: RingConfig, step: int, branch, operands: tuple) -> tuple:
     distinct, index = cfg.variants(step)
     if len(distinct) == 1:
         return branch(distinct[0], *operands)
-    which = jnp.asarray(index, jnp.int32)[lax.axis_index(cfg.axis_name)]
+    # A chain of selects on scalar literals, not a lookup in a constant table: array constants
+    # become inputs of the manual computation, and XLA's GPU compiler (Shardy's unused-inputs
+    # canonicalisation, jax 0.11) crashed on the backward's constant inputs.
+    rank = lax.axis_index(cfg.axis_name)
+    which = functools.reduce(
+        lambda acc, ri: jnp.where(rank == ri[0], ri[1], acc), enumerate(index), jnp.int32(0)
+    )
     return lax.switch(which, [functools.partial(branch, blocks) for blocks in distinct], *operands)
 
 
@@ -114,7 +120,19 @@ def _merge(out, lse, o, lo, q0: int, q1: int):
     new_out = oa * wa + o.astype(oa.dtype) * wb
     if q0 == 0 and q1 == out.shape[1]:
         return new_out, new_lse
-    return out.at[:, q0:q1].set(new_out), lse.at[:, :, q0:q1].set(new_lse)
+    return _put(out, 1, q0, new_out), _put(lse, 2, q0, new_lse)
+
+
+def _put(x, axis: int, start: int, update, add: bool = False):
+    """``x`` with ``update`` written (or added) at ``start`` along ``axis``. A static
+    dynamic_update_slice rather than ``x.at[...]``, whose scatter takes its (constant)
+    indices as an array: see ``_rank_switch``."""
+    if add:
+        stop = start + update.shape[axis]
+        update = lax.slice_in_dim(x, start, stop, axis=axis) + update.astype(x.dtype)
+    starts = [0] * x.ndim
+    starts[axis] = start
+    return lax.dynamic_update_slice(x, update.astype(x.dtype), starts)
 
 
 def _forward_step(cfg: RingConfig, blocks: tuple[Block, ...], out, lse, lse_s, q, kc, vc):
@@ -124,7 +142,7 @@ def _forward_step(cfg: RingConfig, blocks: tuple[Block, ...], out, lse, lse_s, q
         o, lo = impl.forward(
             call, q[:, blk.q0 : blk.q1], kc[:, blk.k0 : blk.k1], vc[:, blk.k0 : blk.k1]
         )
-        lse_s = lse_s.at[slot, :, :, blk.q0 : blk.q1].set(lo.astype(lse_s.dtype))
+        lse_s = _put(lse_s, 0, slot, _put(lse_s[slot], 2, blk.q0, lo)[None])
         out, lse = _merge(out, lse, o, lo, blk.q0, blk.q1)
     return out, lse, lse_s
 
@@ -154,9 +172,9 @@ def _backward_step(
             out[:, rows],
             lse_blk.astype(jnp.float32),
         )
-        dq = dq.at[:, rows].add(dq_b.astype(dq.dtype))
-        dk = dk.at[:, keys].add(dk_b.astype(dk.dtype))
-        dv = dv.at[:, keys].add(dv_b.astype(dv.dtype))
+        dq = _put(dq, 1, blk.q0, dq_b, add=True)
+        dk = _put(dk, 1, blk.k0, dk_b, add=True)
+        dv = _put(dv, 1, blk.k0, dv_b, add=True)
     return dq, dk, dv
 
 

@@ -89,10 +89,24 @@ def _attention(call, name, q, k, v, cu_q, cu_k):
     return _forward(call, name, q, k, v, cu_q, cu_k)[0]
 
 
+def _varying(x) -> frozenset:
+    """The shard_map mesh axes over which ``x`` varies (empty outside shard_map)."""
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(manual.varying) if manual is not None else frozenset()
+
+
+def _vary_like(x, *like):
+    """``x`` typed as varying over every axis that ``like`` varies over. An FFI or callback
+    result (the cuda backend's) carries no such axes; inside shard_map, custom_vjp wants the
+    gradients typed exactly as the primals, and the outputs as varying as the inputs."""
+    missing = frozenset().union(*map(_varying, like)) - _varying(x)
+    return jax.lax.pcast(x, tuple(missing), to="varying") if missing else x
+
+
 def _forward(call, name, q, k, v, cu_q, cu_k):
     full = _with_varlen(call, q, k, cu_q, cu_k)
     impl = REGISTRY.select(full, name)
-    out, lse = impl.forward(full, q, k, v)
+    out, lse = (_vary_like(x, q, k, v) for x in impl.forward(full, q, k, v))
     return (out, lse), (q, k, v, out, lse, cu_q, cu_k)
 
 
@@ -102,7 +116,7 @@ def _backward(call, name, res, cotangents):
     full = _with_varlen(call, q, k, cu_q, cu_k)
     impl = REGISTRY.select(full, name)
     dq, dk, dv = impl.backward(full, dout.astype(out.dtype), q, k, v, out, lse)
-    return dq, dk, dv, None, None
+    return _vary_like(dq, q), _vary_like(dk, k), _vary_like(dv, v), None, None
 
 
 _attention.defvjp(_forward, _backward)
