@@ -205,6 +205,37 @@ def context_lines() -> list[str]:
             f"({t1['fwd_tflops']:.0f} TFLOP/s), backward {t1['bwd_ms'] / 1e3:.1f} s "
             f"({t1['bwd_tflops']:.0f} TFLOP/s), {t1['peak_mem_gib']:.1f} GiB (`{path.name}`)."
         )
+    docs = [(p, d) for p, d in _load("ring-multi-*.json") if d.get("summary")]
+    if docs:
+        # the longest sequence, newest among equals
+        path, doc = max(docs, key=lambda pd: pd[1]["config"]["seqlen"])
+        rows = {f"{r['fn']} {r['layout']}": r for r in doc["summary"]}
+        world, cfg = doc["ring"]["world"], doc["config"]
+        gpu = (doc["machine"].get("gpu") or {}).get("name", "GPU")
+        parts = [
+            f"{name} {r['fwd_bwd_ms'] / 1e3:.2f} s ({r['speedup']:.2f}×, weak-scaling "
+            f"efficiency {r['efficiency_weak']:.2f})"
+            for name, r in rows.items()
+            if "speedup" in r and "efficiency_weak" in r
+        ]
+        checked = [r for r in rows.values() if "check_ok" in r]
+        check = ""
+        if checked and all(r["check_ok"] for r in checked):
+            worst = max(e for r in checked for e in r["check_rel_error"].values())
+            ref = doc["check"][0][0]["reference_backend"]
+            check = (
+                f"; every output and gradient checked against one GPU's {ref} result "
+                f"(relative error ≤ {worst:.1e})"
+            )
+        backend = doc["ring"]["backend"]
+        lines.append(
+            f"- The same attention over **{cfg['seqlen']:,} tokens on {world} {gpu}s** "
+            f"({backend}, forward + backward; one GPU with {backend}: "
+            f"{doc['t1']['fwd_bwd_ms'] / 1e3:.2f} s): "
+            + "; ".join(parts)
+            + check
+            + f" (`{path.name}`)."
+        )
     docs = _load("io-*.json")
     if docs:
         path, doc = docs[-1]
