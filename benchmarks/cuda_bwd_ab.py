@@ -6,7 +6,9 @@ inputs. `timing-no-dq-add` drops v2's dQ reductions (its dQ is wrong): it only m
 reductions cost; `timing-v5-no-dq-add` does the same for v5, and `timing-v5-no-reduce` keeps v5's
 staging and hand-over to the writer warps but issues no reduce. v7 is v5 with the dQ accumulator
 laid out per query tile (one bulk reduce per warpgroup half and step instead of one per row);
-`timing-v7-no-reduce` is its staging and hand-over without the reduce. v5 and v7 exist at hd64 and
+`timing-v7-no-reduce` is its staging and hand-over without the reduce. At hd256
+`timing-v6-no-dq-add` is v6 without its dQ REDs and `timing-v6-no-dq` without the dQ GEMM too
+(a dK/dV-only kernel's cost). v5 and v7 exist at hd64 and
 hd128, v6 at hd256 (elsewhere the library runs v2 for them), so each head dim times the first
 variant and the variants that exist there. Each
 variant's dQ/dK/dV are compared with the first variant's (v2 by default: an independent kernel).
@@ -17,6 +19,7 @@ variant's dQ/dK/dV are compared with the first variant's (v2 by default: an inde
         python benchmarks/cuda_bwd_ab.py --out ab.json [--variants v2,v5] \
             [--seqlens 4096,16384] [--dims 64,128,256]
     hd256: --dims 256 --variants v2,v6
+    hd256 dQ cost: --dims 256 --variants v6,timing-v6-no-dq-add,timing-v6-no-dq
     per-tile dQ: --dims 64,128 --variants v5,v7,timing-v7-no-reduce,timing-v5-no-reduce
 """
 
@@ -52,11 +55,14 @@ def main() -> int:
     for n in (int(x) for x in args.seqlens.split(",")):
         for d in (int(x) for x in args.dims.split(",")):
             # Each variant only where it is its own kernel (elsewhere the library runs v2 for it):
-            # v2 and the default everywhere, v6 at hd256, v3/v5/v7/timing-* at hd64/hd128.
+            # v2 and the default everywhere, v6 and timing-v6-* at hd256, v3/v5/v7 and the other
+            # timing-* at hd64/hd128.
             variants = [
                 v
                 for i, v in enumerate(args.variants.split(","))
-                if i == 0 or v in ("v2", "default") or (d == 256 if v == "v6" else d in (64, 128))
+                if i == 0
+                or v in ("v2", "default")
+                or (d == 256 if v == "v6" or v.startswith("timing-v6-") else d in (64, 128))
             ]
             rows += measure(n, args.heads, d, variants)
             report["timings"] = rows

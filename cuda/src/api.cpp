@@ -282,6 +282,8 @@ int bwd_version() {
   if (std::strcmp(e, "timing-v5-no-reduce") == 0) return kBwdTimingV5NoReduce;
   // hd256 only (bwd_d256.cuh); every other shape asked for with it runs v2.
   if (std::strcmp(e, "v6") == 0 || std::strcmp(e, "6") == 0) return kBwdV6;
+  if (std::strcmp(e, "timing-v6-no-dq-add") == 0) return kBwdTimingV6NoDqAdd;
+  if (std::strcmp(e, "timing-v6-no-dq") == 0) return kBwdTimingV6NoDq;
   // v5 with the per-tile dQ accumulator (hd64/hd128, not deterministic; else v2). The workspace
   // size query reads the variable too: its accumulator is sized per tile.
   if (std::strcmp(e, "v7") == 0 || std::strcmp(e, "7") == 0) return kBwdV7;

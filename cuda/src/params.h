@@ -111,6 +111,11 @@ constexpr int kBwdV6 = 6;
 // (NOTES-cuda.md "v7"). timing-v7-no-reduce stages and hands over without reducing (dQ wrong).
 constexpr int kBwdV7 = 7;
 constexpr int kBwdTimingV7NoReduce = -7;
+// LONGFLASH_CUDA_BWD=timing-v6-no-dq-add / timing-v6-no-dq (hd256 only, dQ wrong): v6 with the dQ
+// GEMM but none of its fp32 REDs, or with neither (the cost of a dK/dV-only kernel), to measure
+// what the REDs cost at hd256 (NOTES-cuda.md "v6 measured").
+constexpr int kBwdTimingV6NoDqAdd = -8;
+constexpr int kBwdTimingV6NoDq = -9;
 
 // v7 covers v5's shapes (hd64, hd128) outside the deterministic mode. The workspace size query and
 // the launcher both decide by this (through BwdWorkspace::dq_tile_rows), so the accumulator's

@@ -17,6 +17,11 @@ namespace longflash::sm90 {
 template <int kDqk, int kDv>
 inline constexpr bool kBwdD256Supported = kDqk == 256 && kDv == 256;
 
+// What v6 does with dQ. Only kReduce is a backward; the others time what dQ costs (dQ comes out
+// wrong): kNoAdd computes the dQ GEMM but issues no RED, kNone skips the GEMM too (the cost of a
+// dK/dV-only kernel, the first half of a separate-dQ-pass design).
+enum class D256Dq : int { kReduce = 0, kNoAdd = 1, kNone = 2 };
+
 // Why this shape (counting in benchmarks/NOTES-cuda.md, "v6 at hd256"): a warpgroup cannot own
 // 64 keys × 256 columns of both dK and dV (256 fp32 per thread), so the two consumer warpgroups
 // split dK, dV and dQ by head-dim halves (64 fp32 per thread each, 192 live at the dQ GEMM) and
@@ -27,7 +32,7 @@ inline constexpr bool kBwdD256Supported = kDqk == 256 && kDv == 256;
 // tensor-core clock, under the 128 B/clk of smem). No room for dQ staging next to a 2-stage Q/dO
 // ring (K, V 64 KiB + Q, dO 128 KiB + P, dS 16 KiB + the fp32 handoff 16 KiB = 224 KiB), so dQ
 // leaves by `red.global.add.v2.f32` from the consumers, as in v2.
-template <typename Element_>
+template <typename Element_, D256Dq kDqMode = D256Dq::kReduce>
 struct BwdKernelD256 {
   using Element = Element_;
   static constexpr int kD = 256;
@@ -355,7 +360,9 @@ struct BwdKernelD256 {
             named_sync(kBarDsReady, kConsumerThreads);
           }
           wg_gemm<false, -1, false>(mma_kv, tKrdS, tKrQ(_, _, _, st.index), accdK);
-          wg_gemm<true, -1, false>(mma_dq, tQrdS, tQrK, accdQ);
+          if constexpr (kDqMode != D256Dq::kNone) {
+            wg_gemm<true, -1, false>(mma_dq, tQrdS, tQrK, accdQ);
+          }
           warpgroup_wait<0>();
           warpgroup_fence_operand(accdV);
           warpgroup_fence_operand(accdK);
@@ -366,12 +373,17 @@ struct BwdKernelD256 {
           if (!last) Barrier::arrive(w == 0 ? &ss.ds_free : &ss.p_free);
           Barrier::arrive(&ss.q_empty[st.index]);
           st.advance();
-          float* const dq_tile = dq_rows + int64_t(hh) * kD + int64_t(i0) * row_stride;
-          CUTLASS_PRAGMA_UNROLL
-          for (int e = 0; e < size(accdQ); e += 2) {
-            int const row = get<0>(cdQ(e));
-            if (i0 + row < seq.len_q) {
-              red_add_f32x2(dq_tile + row * row_stride + get<1>(cdQ(e)), accdQ(e), accdQ(e + 1));
+          // kNoAdd keeps the dQ GEMM alive behind a condition that never holds (softcap >= 0):
+          // with nothing reading accdQ, the compiler drops the GEMM's instructions.
+          if (kDqMode == D256Dq::kReduce || (kDqMode == D256Dq::kNoAdd && p.softcap < 0.f)) {
+            float* const dq_tile = dq_rows + int64_t(hh) * kD + int64_t(i0) * row_stride;
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < size(accdQ); e += 2) {
+              int const row = get<0>(cdQ(e));
+              if (i0 + row < seq.len_q) {
+                red_add_f32x2(dq_tile + row * row_stride + get<1>(cdQ(e)), accdQ(e),
+                              accdQ(e + 1));
+              }
             }
           }
         }

@@ -70,9 +70,9 @@ cudaError_t launch_bwd_v5(BwdArgs const& a, DqMode mode, cudaStream_t stream) {
 }
 
 // v6 (hd256, bwd_d256.cuh) only when asked for by name, outside the deterministic mode.
-template <typename Element>
+template <typename Element, D256Dq kDqMode = D256Dq::kReduce>
 cudaError_t launch_bwd_d256(BwdArgs const& a, cudaStream_t stream) {
-  using K = BwdKernelD256<Element>;
+  using K = BwdKernelD256<Element, kDqMode>;
   AttnShape const& s = a.s;
   typename K::Params const p{
       make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Element>(a.q, s.rows_q, 256, s.heads_q, s.tma_batch),
@@ -145,9 +145,18 @@ cudaError_t launch_bwd(BwdArgs const& a, cudaStream_t stream) {
   }
   if (a.ws.dq_tile_rows != 0) return cudaErrorInvalidValue;  // bwd_v7_applies: never here
   if constexpr (kBwdD256Supported<kDqk, kDv>) {
-    // v6: asked for, or the default (params.h kBwdDefault); never deterministic.
-    if ((a.bwd_version == kBwdV6 || a.bwd_version == kBwdDefault) && !a.s.deterministic) {
-      return launch_bwd_d256<Element>(a, stream);
+    // v6: asked for, or the default (params.h kBwdDefault), or its dQ timing variants; never
+    // deterministic.
+    if (!a.s.deterministic) {
+      if (a.bwd_version == kBwdV6 || a.bwd_version == kBwdDefault) {
+        return launch_bwd_d256<Element>(a, stream);
+      }
+      if (a.bwd_version == kBwdTimingV6NoDqAdd) {
+        return launch_bwd_d256<Element, D256Dq::kNoAdd>(a, stream);
+      }
+      if (a.bwd_version == kBwdTimingV6NoDq) {
+        return launch_bwd_d256<Element, D256Dq::kNone>(a, stream);
+      }
     }
   }
   using K = BwdKernel<Element, kDqk, kDv>;

@@ -159,6 +159,30 @@ def test_backward_variants_match_float64(monkeypatch, variant, d, nq, nk, hq, hk
         assert _rel(got, want) < 3e-2
 
 
+@pytest.mark.parametrize("variant", ["timing-v6-no-dq-add", "timing-v6-no-dq"])
+def test_hd256_dq_timing_variants_change_only_dq(monkeypatch, variant):
+    """The hd256 timing variants (NOTES-cuda.md "hd256: what the dQ REDs cost") drop v6's dQ
+    REDs, or its dQ GEMM too, and nothing else: dK and dV bitwise v6's, dQ left at zero."""
+    from longflash.frontends import torch as lft
+    from longflash_cuda import _lib, _torch
+
+    if (256, 256) not in _lib.compiled_head_dims(_lib.load()[0])["bfloat16"]:
+        pytest.skip("hd256 bf16 is not in this build")
+    torch.manual_seed(0)
+    q = torch.randn(1, 555, 4, 256, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 300, 2, 256, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, 300, 2, 256, device="cuda", dtype=torch.bfloat16)
+    call = lft.make_call(q, k, v, causal=True)
+    out, lse = _torch.forward(call, q, k, v)
+    dout = torch.randn_like(out)
+    monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v6")
+    dq6, dk6, dv6 = _torch.backward(call, dout, q, k, v, out, lse)
+    monkeypatch.setenv("LONGFLASH_CUDA_BWD", variant)
+    dq, dk, dv = _torch.backward(call, dout, q, k, v, out, lse)
+    assert torch.equal(dk, dk6) and torch.equal(dv, dv6)
+    assert dq6.abs().max() > 0 and not dq.any()
+
+
 def _bwd_ref64(q, k, v, dout, scale, causal):
     """float64 (dq, dk, dv) of one dense (1, N, H, D) problem, bottom-right causal or unmasked."""
     qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
