@@ -699,6 +699,9 @@ def torch_main(args) -> None:
         if rank == 0:
             doc["summary"] = multi_summary(doc)
             _write(doc, args.out, plot_multi)
+        # Together: a gloo rank that tears down while rank 0 still writes aborted ("terminate
+        # called without an active exception") on CI.
+        dist.barrier()
         dist.destroy_process_group()
         if args.check and not all(c["ok"] for rank_checks in doc["check"] for c in rank_checks):
             raise SystemExit("the ring's result departs from one device's; see the check above")
