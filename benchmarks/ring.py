@@ -14,6 +14,10 @@ Several devices (torchrun, or --framework jax over every visible device):
   ring   ring_attention forward and backward per layout (and Ulysses when the heads
          divide), per rank; the same ranks' compute alone (no communication) and the
          transfers alone, so exposed communication = ring - compute-only; peak memory.
+  T1     one device over N tokens and over N/P (the weak-scaling baseline): speed-up
+         T1(N)/T_P and weak-scaling efficiency = per-GPU TFLOP/s / T1(N/P)'s.
+  check  every variant's out, dq, dk, dv against one device's attention over the whole
+         sequence (--check-backend), within the conformance suite's bounds; exit 1 if not.
 
   python benchmarks/ring.py --backend triton                    # 1M tokens on one GPU
   python benchmarks/ring.py --device cpu --seqlen 4096          # tiny, on the CPU
