@@ -126,6 +126,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="JSON",
         help="recompute the summary of an earlier several-device result and redraw its plot",
     )
+    ap.add_argument(
+        "--scaling",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="weak and strong scaling (efficiency and speed-up against P) from several-device "
+        "results of one configuration at several world sizes; writes ring-scaling-*.json/png",
+    )
     args = ap.parse_args(argv)
     args.mask = {"causal": args.causal, "window": args.window}
     args.worlds = [int(p) for p in args.worlds.split(",") if p]
@@ -1198,10 +1207,166 @@ def replot(path: Path) -> None:
     print(f"wrote {path}\nwrote {plot_multi(doc, path.with_suffix('.png'))}")
 
 
+# -- scaling across runs ------------------------------------------------------------------
+_SAME = ("batch", "heads", "kv_heads", "dim", "dtype", "causal", "window")
+
+
+def scaling_rows(docs: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (framework, variant, P): the P-device run and, from its T1(N/P) and T1(N),
+    the one-device points P = 1 of the weak series (N/P tokens per device) and of the strong
+    one (N tokens in all)."""
+    if not docs:
+        raise SystemExit("--scaling needs at least one several-device result")
+    first = docs[0][1]["config"]
+    for name, doc in docs:
+        if doc.get("mode") not in ("multi", "jax") or not doc.get("summary"):
+            raise SystemExit(f"{name}: not a several-device result with a summary")
+        diff = [k for k in _SAME if doc["config"].get(k) != first.get(k)]
+        if diff:
+            raise SystemExit(f"{name}: {', '.join(diff)} differ from {docs[0][0]}'s")
+    rows: list[dict[str, Any]] = []
+    for name, doc in docs:
+        framework = "jax" if doc["mode"] == "jax" else "torch"
+        world, n = doc["ring"]["world"], doc["config"]["seqlen"]
+        base = {"framework": framework, "seqlen": n, "source": Path(name).name}
+        for r in doc["summary"]:
+            rows.append(
+                base
+                | {
+                    "variant": f"{r['fn']} {r['layout']}",
+                    "world": world,
+                    "local_seqlen": n // world,
+                    "fwd_bwd_ms": r["fwd_bwd_ms"],
+                    "per_gpu_tflops": r.get("per_gpu_tflops"),
+                    "efficiency_weak": r.get("efficiency_weak"),
+                    "speedup": r.get("speedup"),
+                }
+            )
+        for key, m in (("t1_local", n // world), ("t1", n)):
+            t = doc.get(key)
+            if t:
+                rows.append(
+                    base
+                    | {
+                        "variant": "one device",
+                        "world": 1,
+                        "seqlen": m,
+                        "local_seqlen": m,
+                        "fwd_bwd_ms": t["fwd_bwd_ms"],
+                        "per_gpu_tflops": _tflops(doc, m, t["fwd_bwd_ms"]),
+                        "efficiency_weak": 1.0,
+                        "speedup": 1.0,
+                    }
+                )
+    # one row per point: the newest source wins
+    unique = {(r["framework"], r["variant"], r["world"], r["seqlen"]): r for r in rows}
+    return sorted(unique.values(), key=lambda r: (r["framework"], r["variant"], r["world"]))
+
+
+def scaling(paths: list[Path], out_dir: Path, plot: bool = True) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.table import Table
+
+    docs = [(str(p), json.loads(p.read_text())) for p in sorted(paths)]
+    rows = scaling_rows(docs)
+    table = Table(title="Scaling: per-GPU work constant (weak) and total work constant (strong)")
+    for col in ("framework", "variant", "P", "N", "N/P", "fwd+bwd s", "TFLOP/s per GPU"):
+        table.add_column(col, justify="left" if col in ("framework", "variant") else "right")
+    table.add_column("weak eff", justify="right")
+    table.add_column("T1(N)/T_P", justify="right")
+    for r in rows:
+        table.add_row(
+            r["framework"],
+            r["variant"],
+            str(r["world"]),
+            f"{r['seqlen']:,}",
+            f"{r['local_seqlen']:,}",
+            f"{r['fwd_bwd_ms'] / 1e3:.3g}",
+            "-" if r["per_gpu_tflops"] is None else f"{r['per_gpu_tflops']:.3g}",
+            "-" if r["efficiency_weak"] is None else f"{r['efficiency_weak']:.2f}",
+            "-" if r["speedup"] is None else f"{r['speedup']:.2f}",
+        )
+    Console(width=140).print(table)
+    first = docs[0][1]
+    doc = {
+        "benchmark": "ring",
+        "mode": "scaling",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": first["machine"],
+        "config": {k: first["config"].get(k) for k in (*_SAME, "seqlen")} | {"plot": plot},
+        "sources": [Path(p).name for p, _ in docs],
+        "rows": rows,
+    }
+    _write(doc, out_dir, plot_scaling)
+    return doc
+
+
+def plot_scaling(doc: dict[str, Any], path: Path) -> Path:
+    """Weak-scaling efficiency and strong-scaling speed-up against the number of devices."""
+    plt = _plt()
+    fig, (ax_w, ax_s) = plt.subplots(1, 2, figsize=(10, 4))
+    rows = doc["rows"]
+    series = sorted({(r["framework"], r["variant"]) for r in rows if r["world"] > 1})
+    worlds = sorted({r["world"] for r in rows})
+    # colour: the variant; line style: the size (tokens per GPU, or in all)
+    styles = ["-", "--", ":", "-."]
+    multi = [r for r in rows if r["world"] > 1]
+    locals_ = sorted({r["local_seqlen"] for r in multi})
+    totals = sorted({r["seqlen"] for r in multi})
+    for i, (framework, variant) in enumerate(series):
+        colour = f"C{i % 10}"
+        label = f"{variant} ({framework})"
+        mine = [r for r in multi if r["framework"] == framework and r["variant"] == variant]
+        for ax, key, sizes, size_of, fmt in (
+            (ax_w, "efficiency_weak", locals_, "local_seqlen", "{}K per GPU"),
+            (ax_s, "speedup", totals, "seqlen", "N = {}K"),
+        ):
+            # the one-device run is each series' P = 1 point (efficiency and speed-up 1)
+            for j, size in enumerate(sizes):
+                pts = [(r["world"], r[key]) for r in mine if r[size_of] == size and r[key]]
+                if pts:
+                    xs, ys = zip(*sorted([(1, 1.0), *pts]))
+                    ax.plot(
+                        xs,
+                        ys,
+                        marker="o",
+                        color=colour,
+                        ls=styles[j % len(styles)],
+                        label=f"{label}, " + fmt.format(size // 1024),
+                    )
+    ax_w.axhline(0.9, color="r", ls="--", lw=1, label="goal 0.9")
+    ax_w.set_ylim(0, 1.15)
+    ax_s.plot(worlds, worlds, color="k", ls=":", lw=1, label="ideal")
+    for ax, title, ylabel in (
+        (ax_w, "weak scaling (N/P tokens per GPU)", "per-GPU TFLOP/s ÷ one GPU's"),
+        (ax_s, "strong scaling (N tokens in all)", "T1(N) / T_P"),
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(worlds, [str(w) for w in worlds])
+        ax.set_xlabel("GPUs (P)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6)
+    c = doc["config"]
+    gpu = (doc["machine"].get("gpu") or {}).get("name") or doc["machine"]["cpu"]
+    fig.suptitle(
+        f"B={c['batch']} H={c['heads']} D={c['dim']} {c['dtype']} "
+        f"{'causal' if c['causal'] else 'full'} - {gpu}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.replot is not None:
         return replot(args.replot)
+    if args.scaling is not None:
+        scaling(args.scaling, args.out, args.plot)
+        return None
     if args.framework == "jax":
         jax_main(args)
     else:

@@ -61,7 +61,15 @@ def _check_summary(doc: dict, world: int) -> None:
 
 def test_torch_ring_benchmark_checks_every_variant(tmp_path):
     doc = _run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(RING)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(RING),
+        ],
         tmp_path,
     )
     assert doc["mode"] == "multi" and doc["ring"]["world"] == 2
@@ -108,3 +116,32 @@ def test_weak_scaling_efficiency_is_per_gpu_speed_over_one_gpu_at_n_over_p():
     assert math.isclose(eff["efficiency_weak"], 1.0, rel_tol=1e-3)
     assert math.isclose(eff["speedup"], 4.0)
     assert math.isclose(eff["efficiency_same_n"], 2.0)
+
+
+def test_scaling_joins_runs_at_several_world_sizes(tmp_path):
+    """Runs at P = 2 and 4 with the same tokens per rank (256) make one weak-scaling series,
+    each with its one-device P = 1 point; a run of another configuration is refused."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    for world, n in ((2, 512), (4, 1024)):
+        cmd = [*torchrun, "--nproc-per-node", str(world), str(RING)]
+        args = [*SMALL, "--seqlen", str(n), "--out", str(tmp_path / f"p{world}"), "--no-check"]
+        args += ["--layouts", "zigzag"]
+        proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(tmp_path.glob("p*/ring-multi-*.json"))
+    assert len(runs) == 2
+    ring = _module()
+    doc = ring.scaling(runs, tmp_path / "scaling", plot=False)
+    rows = {(r["variant"], r["world"], r["local_seqlen"]): r for r in doc["rows"]}
+    for world in (2, 4):
+        row = rows[("ring zigzag", world, 256)]
+        assert row["seqlen"] == 256 * world and 0 < row["efficiency_weak"]
+    assert rows[("one device", 1, 256)]["efficiency_weak"] == 1.0
+    assert (tmp_path / "scaling").glob("ring-scaling-*.json")
+
+    other = json.loads(runs[0].read_text())
+    other["config"]["dim"] = 64
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="dim differ"):
+        ring.scaling([runs[1], bad], tmp_path / "scaling", plot=False)
