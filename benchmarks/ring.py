@@ -869,7 +869,6 @@ def jax_main(args) -> None:
         jax.distributed.initialize()
     import jax.numpy as jnp
     import longflash
-    import longflash.distributed as lfd
     import numpy as np
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as Spec
@@ -930,13 +929,7 @@ def jax_main(args) -> None:
         return {"fwd_ms": f.median_ms, "fwd_bwd_ms": fb.median_ms, "compiled_mem_gib": gib}
 
     def sharded(fn, layout):
-        def body(q, k, v):
-            if fn == "ring":
-                return lfd.ring_attention(
-                    q, k, v, axis_name="sp", **args.mask, layout=layout, backend=args.backend
-                )
-            return lfd.ulysses_attention(q, k, v, axis_name="sp", **args.mask, backend=args.backend)
-
+        body = _ring_fn(fn, layout, args, args.backend, axis_name="sp")
         return jax.shard_map(
             body, mesh=mesh, in_specs=(Spec(None, "sp"),) * 3, out_specs=Spec(None, "sp")
         )

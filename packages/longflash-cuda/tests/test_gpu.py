@@ -32,6 +32,19 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _backward_inputs(nq, nk, hq, hk, d, **mask):
+    """Random bf16 q, k, v, the forward's out and lse, and a random dout."""
+    from longflash.frontends import torch as lft
+    from longflash_cuda import _torch
+
+    q = torch.randn(1, nq, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, nk, hk, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, nk, hk, d, device="cuda", dtype=torch.bfloat16)
+    call = lft.make_call(q, k, v, **mask)
+    out, lse = _torch.forward(call, q, k, v)
+    return call, q, k, v, out, lse, torch.randn_like(out)
+
+
 @pytest.fixture(autouse=True)
 def _registered():
     from longflash.registry import REGISTRY
@@ -51,15 +64,9 @@ def test_odd_strides_are_copied_not_misread():
 
 
 def test_deterministic_backward_repeats_bitwise():
-    from longflash.frontends import torch as lft
     from longflash_cuda import _torch
 
-    q = torch.randn(1, 700, 8, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, 700, 2, 128, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(1, 700, 2, 128, device="cuda", dtype=torch.bfloat16)
-    call = lft.make_call(q, k, v, causal=True)
-    out, lse = _torch.forward(call, q, k, v)
-    dout = torch.randn_like(out)
+    call, q, k, v, out, lse, dout = _backward_inputs(700, 700, 8, 2, 128, causal=True)
     first = _torch.backward(call, dout, q, k, v, out, lse, deterministic=True)
     for _ in range(3):
         again = _torch.backward(call, dout, q, k, v, out, lse, deterministic=True)
@@ -122,19 +129,15 @@ def test_backward_variants_match_float64(monkeypatch, variant, d, nq, nk, hq, hk
     """Every LONGFLASH_CUDA_BWD variant (v5: 128-key blocks, hd64 and hd128; v7: v5 with the
     per-tile dQ accumulator; v6: hd256) against float64 autograd, with NaN-poisoned memory under
     the outputs so an unwritten element fails."""
-    from longflash.frontends import torch as lft
     from longflash_cuda import _lib, _torch
 
     if (d, d) not in _lib.compiled_head_dims(_lib.load()[0])["bfloat16"]:
         pytest.skip(f"hd{d} bf16 is not in this build")
     monkeypatch.setenv("LONGFLASH_CUDA_BWD", variant)
     torch.manual_seed(0)
-    q = torch.randn(1, nq, hq, d, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, nk, hk, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(1, nk, hk, d, device="cuda", dtype=torch.bfloat16)
-    call = lft.make_call(q, k, v, causal=causal, window=window)
-    out, lse = _torch.forward(call, q, k, v)
-    dout = torch.randn_like(out)
+    call, q, k, v, out, lse, dout = _backward_inputs(
+        nq, nk, hq, hk, d, causal=causal, window=window
+    )
     poison = torch.full((1 << 26,), float("nan"), device="cuda")
     del poison
     grads = _torch.backward(call, dout, q, k, v, out, lse)
@@ -163,18 +166,12 @@ def test_backward_variants_match_float64(monkeypatch, variant, d, nq, nk, hq, hk
 def test_hd256_dq_timing_variants_change_only_dq(monkeypatch, variant):
     """The hd256 timing variants (NOTES-cuda.md "hd256: what the dQ REDs cost") drop v6's dQ
     REDs, or its dQ GEMM too, and nothing else: dK and dV bitwise v6's, dQ left at zero."""
-    from longflash.frontends import torch as lft
     from longflash_cuda import _lib, _torch
 
     if (256, 256) not in _lib.compiled_head_dims(_lib.load()[0])["bfloat16"]:
         pytest.skip("hd256 bf16 is not in this build")
     torch.manual_seed(0)
-    q = torch.randn(1, 555, 4, 256, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, 300, 2, 256, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(1, 300, 2, 256, device="cuda", dtype=torch.bfloat16)
-    call = lft.make_call(q, k, v, causal=True)
-    out, lse = _torch.forward(call, q, k, v)
-    dout = torch.randn_like(out)
+    call, q, k, v, out, lse, dout = _backward_inputs(555, 300, 4, 2, 256, causal=True)
     monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v6")
     dq6, dk6, dv6 = _torch.backward(call, dout, q, k, v, out, lse)
     monkeypatch.setenv("LONGFLASH_CUDA_BWD", variant)
