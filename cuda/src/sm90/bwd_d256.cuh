@@ -46,7 +46,7 @@ struct BwdKernelD256 {
   static constexpr int kConsumerThreads = 256;
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
-  static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 168 * kThreads);
+  static_assert(fits_register_split(kThreads, kProducerRegs, kConsumerRegs));
 
   // Named barriers (0 is __syncthreads), 256 threads each: both consumer warpgroups wait.
   static constexpr int kBarPReady = 1;   // P and P·(1−t²) of this step are in smem

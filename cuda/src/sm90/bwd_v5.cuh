@@ -237,7 +237,7 @@ struct BwdKernelV5Impl {
   // The CTA's pool is 168 × 384 registers (launch bounds); 128·P + 256·C must fit in it.
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
-  static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 168 * kThreads);
+  static_assert(fits_register_split(kThreads, kProducerRegs, kConsumerRegs));
 
   // At hd64 the mask-free softcap passes (64 + 64 scores per thread) made ptxas spill 128 B
   // across the whole consumer loop; softcap tiles take the masked passes there (the extra

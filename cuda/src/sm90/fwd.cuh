@@ -98,15 +98,15 @@ struct FwdKernelBase {
   static constexpr bool kDynamic = kDynamic_;
   static constexpr int kThreads = 128 * (kConsumerWGs + 1);
   static constexpr int kConsumerThreads = 128 * kConsumerWGs;
-  // setmaxnreg within the 64K-register file: 128x24 + 256x240 (default; dynamic 128x32 +
-  // 256x240) or 128x24 + 384x160.
-  // The dynamic schedule's producer keeps its tile phase and claims tiles: 24 registers spill.
-  static constexpr int kProducerRegs = kDynamic_ ? 32 : 24;
+  // setmaxnreg split: 128x24 + 256x240 or 128x24 + 384x160, all of the CTA's 168 or 128 registers
+  // per thread at entry. The dynamic schedule's producer then keeps a few values on the stack
+  // (its tile phase, the claimed index): one thread that mostly waits.
+  static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = kConsumerWGs == 2 ? 240 : 160;
   static_assert(kConsumerWGs == 2 || (kConsumerWGs == 3 && kDqk <= 64 && kDv <= 64),
                 "three consumer warpgroups only fit 160 registers at hd64");
   static_assert(!kPingPong || kConsumerWGs >= 2);
-  static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= 65536);
+  static_assert(fits_register_split(kThreads, kProducerRegs, kConsumerRegs));
 
   using AtomLayout = Layout<Shape<Int<kConsumerWGs>, _1, _1>>;
   using TiledMmaQK = decltype(make_tiled_mma(

@@ -15,6 +15,14 @@ using namespace cute;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// setmaxnreg only moves registers between a CTA's warpgroups, within what the CTA got at launch:
+// threads x the entry count, which __launch_bounds__(threads, 1) caps at 64K / threads rounded
+// down to a multiple of 8 (168 at 384 threads, 128 at 512). A split that asks for more makes
+// setmaxnreg.inc wait forever for registers no warp will free: the kernel hangs.
+constexpr bool fits_register_split(int threads, int producer_regs, int consumer_regs) {
+  return 128 * producer_regs + (threads - 128) * consumer_regs <= (65536 / threads) / 8 * 8 * threads;
+}
+
 // One warpgroup MMA over all k-blocks of its operands. kARegs: A comes from registers (RS), whose
 // registers must be fenced like the accumulator. kWait < 0 returns with the batch still in flight.
 template <bool kZeroInit, int kWait, bool kARegs, class TiledMma, class TA, class TB, class TC>
