@@ -8,10 +8,10 @@ staging and hand-over to the writer warps but issues no reduce. v7 is v5 with th
 laid out per query tile (one bulk reduce per warpgroup half and step instead of one per row);
 `timing-v7-no-reduce` is its staging and hand-over without the reduce. At hd256
 `timing-v6-no-dq-add` is v6 without its dQ REDs and `timing-v6-no-dq` without the dQ GEMM too
-(a dK/dV-only kernel's cost). v5 and v7 exist at hd64 and
-hd128, v6 at hd256 (elsewhere the library runs v2 for them), so each head dim times the first
-variant and the variants that exist there. Each
-variant's dQ/dK/dV are compared with the first variant's (v2 by default: an independent kernel).
+(a dK/dV-only kernel's cost); v8 is v6 with v7's per-tile accumulator, added by bulk reduces.
+v5 and v7 exist at hd64 and hd128, v6 and v8 at hd256 (elsewhere the library runs v2 for them),
+so each head dim times the first variant and the variants that exist there. Each variant's
+dQ/dK/dV are compared with the first variant's (v2 by default: an independent kernel).
 "default" times whatever LONGFLASH_CUDA_BWD unset selects.
 
     LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so \
@@ -20,6 +20,7 @@ variant's dQ/dK/dV are compared with the first variant's (v2 by default: an inde
             [--seqlens 4096,16384] [--dims 64,128,256]
     hd256: --dims 256 --variants v2,v6
     hd256 dQ cost: --dims 256 --variants v6,timing-v6-no-dq-add,timing-v6-no-dq
+    hd256 per-tile dQ: --dims 256 --variants v6,v8
     per-tile dQ: --dims 64,128 --variants v5,v7,timing-v7-no-reduce,timing-v5-no-reduce
 """
 
@@ -41,6 +42,8 @@ from longflash_cuda import _torch
 sys.path.insert(0, str(Path(__file__).parent))
 from cuda_check import bench, rel  # noqa: E402
 
+HD256_ONLY = ("v6", "v8")  # their own kernels at hd256 only
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -55,14 +58,14 @@ def main() -> int:
     for n in (int(x) for x in args.seqlens.split(",")):
         for d in (int(x) for x in args.dims.split(",")):
             # Each variant only where it is its own kernel (elsewhere the library runs v2 for it):
-            # v2 and the default everywhere, v6 and timing-v6-* at hd256, v3/v5/v7 and the other
-            # timing-* at hd64/hd128.
+            # v2 and the default everywhere, v6, v8 and timing-v6-* at hd256, v3/v5/v7 and the
+            # other timing-* at hd64/hd128.
             variants = [
                 v
                 for i, v in enumerate(args.variants.split(","))
                 if i == 0
                 or v in ("v2", "default")
-                or (d == 256 if v == "v6" or v.startswith("timing-v6-") else d in (64, 128))
+                or (d == 256 if v in HD256_ONLY or v.startswith("timing-v6-") else d in (64, 128))
             ]
             rows += measure(n, args.heads, d, variants)
             report["timings"] = rows

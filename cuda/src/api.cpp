@@ -262,7 +262,7 @@ lf_status cuda_fail(cudaError_t err, char const* what) {
 
 size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
-// Backward variant from LONGFLASH_CUDA_BWD ("v2", "v3", "v5", "v6" or "v7"; unset: kBwdDefault,
+// Backward variant from LONGFLASH_CUDA_BWD ("v2", "v3", "v5", "v6", "v7" or "v8"; unset: kBwdDefault,
 // which is v7 at hd64/hd128 and v6 at hd256, params.h). Read on every call (cheap next to a
 // launch) so a process can switch it for A/B timing. v5 and v7 cover hd64 and hd128 outside the
 // deterministic mode; other calls that ask for them run v2. v4 was folded into v5 (v5's chain is
@@ -288,6 +288,8 @@ int bwd_version() {
   // size query reads the variable too: its accumulator is sized per tile.
   if (std::strcmp(e, "v7") == 0 || std::strcmp(e, "7") == 0) return kBwdV7;
   if (std::strcmp(e, "timing-v7-no-reduce") == 0) return kBwdTimingV7NoReduce;
+  // v6 with the per-tile accumulator (hd256, not deterministic; else v2), sized by the size query.
+  if (std::strcmp(e, "v8") == 0 || std::strcmp(e, "8") == 0) return kBwdV8;
   if (std::strcmp(e, "v4") == 0 || std::strcmp(e, "4") == 0) return 5;
   return kBwdDefault;
 }
@@ -338,8 +340,8 @@ size_t fwd_workspace(lf_attention_params const& p) {
   return fwd_grid(make_shape(p)) == kFwdGridDynamic ? kFwdDynamicWorkspace : 0;
 }
 
-// The workspace of a call under backward variant `version`: v7's accumulator is per query tile
-// (params.h dq_first_tile), so it grows by the padding of each sequence's last tile.
+// The workspace of a call under backward variant `version`: v7's and v8's accumulator is per
+// query tile (params.h dq_first_tile), so it grows by the padding of each sequence's last tile.
 BwdWorkspace bwd_workspace(lf_attention_params const& p, int version) {
   BwdWorkspace w{};
   size_t const rows = size_t(tokens_q(p));
@@ -347,8 +349,8 @@ BwdWorkspace bwd_workspace(lf_attention_params const& p, int version) {
   bool const varlen = p.cu_seqlens_q != nullptr;
   size_t off = 0;
   w.dq_accum = off;
-  if (bwd_v7_applies(version, p.head_dim_qk, p.head_dim_v, p.deterministic != 0)) {
-    w.dq_tile_rows = bwd_v7_tile_rows(p.head_dim_qk);
+  if (bwd_tile_dq_applies(version, p.head_dim_qk, p.head_dim_v, p.deterministic != 0)) {
+    w.dq_tile_rows = bwd_tile_dq_rows(p.head_dim_qk);
     size_t const tiles = size_t(dq_tile_count(varlen, p.batch, tokens_q(p), p.seqlen_q,
                                               w.dq_tile_rows));
     off += align256(tiles * p.heads_q * size_t(w.dq_tile_rows) * size_t(p.head_dim_qk) *

@@ -68,9 +68,10 @@ constexpr bool kFwdPersistentDefault = true;
 // Workspace layout of the backward (offsets in bytes from the workspace base; 256-aligned).
 struct BwdWorkspace {
   // dq_tile_rows == 0: float [rows][Hq][Dqk] indexed like dq (dense (B,Nq,Hq,D); varlen (Tq,Hq,D)).
-  // Else (v7): one contiguous tile of dq_tile_rows x Dqk floats per (query tile, head), see
+  // Else (v7, v8): one contiguous tile of dq_tile_rows x Dqk floats per (query tile, head), see
   // dq_first_tile; inside a tile the elements are in the order the kernel's dQ wgmma fragments
-  // hold them (bwd_v5.cuh, DqTileLayout), so the kernel adds a tile with one bulk reduce per half.
+  // hold them (DqTileLayout in bwd_v5.cuh, bwd_d256.cuh), so the kernel adds a tile by a few bulk
+  // reduces.
   size_t dq_accum;
   int dq_tile_rows;
   size_t lse_log2;   // float, lse * log2(e) in the lse layout; -inf rows become +inf (P = 0)
@@ -88,8 +89,8 @@ struct BwdArgs {
   // 2 = 64-key blocks, dQ by per-thread REDs; 3 = the same with smem staging + TMA bulk reduce;
   // 5 = 128-key blocks, one warpgroup per 64 keys, dQ reduces by writer warps (bwd_v5.cuh; hd64
   // and hd128, else v2); kBwdV6 = hd256 kernel of bwd_d256.cuh (else v2); kBwdV7 = v5 with the
-  // per-tile dQ accumulator (hd64 and hd128, else v2; ws.dq_tile_rows != 0 exactly when it runs);
-  // kBwdDefault = v7 at hd64/hd128, v6 at hd256, v2 elsewhere.
+  // per-tile dQ accumulator (hd64 and hd128, else v2; ws.dq_tile_rows != 0 exactly when it or v8
+  // runs); kBwdV8 = v6 with the per-tile accumulator (hd256, else v2); kBwdDefault = v7 at hd64/hd128, v6 at hd256, v2 elsewhere.
   int bwd_version;
 };
 
@@ -117,18 +118,27 @@ constexpr int kBwdTimingV7NoReduce = -7;
 constexpr int kBwdTimingV6NoDqAdd = -8;
 constexpr int kBwdTimingV6NoDq = -9;
 
-// v7 covers v5's shapes (hd64, hd128) outside the deterministic mode. The workspace size query and
-// the launcher both decide by this (through BwdWorkspace::dq_tile_rows), so the accumulator's
-// layout and the kernel that fills it cannot disagree.
-constexpr bool bwd_v7_applies(int version, int dqk, int dv, bool deterministic) {
-  return (version == kBwdV7 || version == kBwdDefault || version == kBwdTimingV7NoReduce) &&
-         dqk == dv && (dqk == 64 || dqk == 128) && !deterministic;
-}
-// Query rows of v7's step and dQ tile (the kernel's kBlockM; it static_asserts the two agree).
-constexpr int bwd_v7_tile_rows(int dqk) { return dqk == 64 ? 128 : 64; }
+// LONGFLASH_CUDA_BWD=v8: v6 (hd256) with v7's per-tile dQ accumulator. Each warpgroup stages its
+// fp32 dQ half in the step's Q/dO halves its own GEMMs have finished reading, and a writer thread
+// adds it with bulk reduces (NOTES-cuda.md "v8").
+constexpr int kBwdV8 = 8;
 
-// v7's accumulator tiles, per head: dense sequence b starts at tile b * ceil(Nq / rows); varlen
-// sequence b (first packed row start_q) at floor(start_q / rows) + b. Sequence b needs
+// Which calls fill the per-tile dQ accumulator: v7 at v5's shapes (hd64, hd128), v8 at hd256,
+// never in the deterministic mode. The workspace size query and the launcher both decide by this
+// (through BwdWorkspace::dq_tile_rows), so the accumulator's layout and the kernel that fills it
+// cannot disagree.
+constexpr bool bwd_tile_dq_applies(int version, int dqk, int dv, bool deterministic) {
+  if (dqk != dv || deterministic) return false;
+  if (dqk == 64 || dqk == 128) {
+    return version == kBwdV7 || version == kBwdDefault || version == kBwdTimingV7NoReduce;
+  }
+  return dqk == 256 && version == kBwdV8;
+}
+// Query rows of the step and dQ tile of v7 and v8 (the kernels' kBlockM; they static_assert it).
+constexpr int bwd_tile_dq_rows(int dqk) { return dqk == 64 ? 128 : 64; }
+
+// The per-tile accumulator's tiles (v7, v8), per head: dense sequence b starts at tile
+// b * ceil(Nq / rows); varlen sequence b (first packed row start_q) at floor(start_q / rows) + b. Sequence b needs
 // ceil(len_b / rows) tiles and floor(x + y) >= floor(x) + floor(y) gives
 // floor(start_b / rows) + b + ceil(len_b / rows) <= floor(start_{b+1} / rows) + b + 1, so the
 // sequences' tiles never overlap, and all of them fit in floor(Tq / rows) + B tiles (start_q is

@@ -17,10 +17,15 @@ namespace longflash::sm90 {
 template <int kDqk, int kDv>
 inline constexpr bool kBwdD256Supported = kDqk == 256 && kDv == 256;
 
-// What v6 does with dQ. Only kReduce is a backward; the others time what dQ costs (dQ comes out
-// wrong): kNoAdd computes the dQ GEMM but issues no RED, kNone skips the GEMM too (the cost of a
-// dK/dV-only kernel, the first half of a separate-dQ-pass design).
-enum class D256Dq : int { kReduce = 0, kNoAdd = 1, kNone = 2 };
+// What the kernel does with dQ. kReduce (v6) and kTile (v8) are backwards; the others time what dQ
+// costs (dQ comes out wrong): kNoAdd computes the dQ GEMM but issues no RED, kNone skips the GEMM
+// too (the cost of a dK/dV-only kernel, the first half of a separate-dQ-pass design).
+// kTile: each warpgroup stages its fp32 dQ half in the step's Q and dO halves that only its own
+// GEMMs read, and a writer thread adds the staged halves to the per-tile accumulator (params.h
+// dq_first_tile) with four 16 KiB bulk reduces, then hands the stage back to the producer. On the
+// H200 the bulk reduces add 64 KiB tiles at 2.5 TB/s where v6's 8-byte REDs reach 1.9 TB/s
+// (benchmarks/cuda_reduce_probe.cu), and those REDs are what bounds v6 (NOTES-cuda.md, "v8").
+enum class D256Dq : int { kReduce = 0, kNoAdd = 1, kNone = 2, kTile = 3 };
 
 // Why this shape (counting in benchmarks/NOTES-cuda.md, "v6 at hd256"): a warpgroup cannot own
 // 64 keys × 256 columns of both dK and dV (256 fp32 per thread), so the two consumer warpgroups
@@ -34,6 +39,7 @@ enum class D256Dq : int { kReduce = 0, kNoAdd = 1, kNone = 2 };
 // leaves by `red.global.add.v2.f32` from the consumers, as in v2.
 template <typename Element_, D256Dq kDqMode = D256Dq::kReduce>
 struct BwdKernelD256 {
+  static constexpr bool kTileDq = kDqMode == D256Dq::kTile;
   using Element = Element_;
   static constexpr int kD = 256;
   static constexpr int kDqk = kD;  // the names the shared producer (bwd_v5.cuh) reads
@@ -103,6 +109,26 @@ struct BwdKernelD256 {
   static constexpr uint32_t kBytesQdO = 2 * kBlockM * kD * sizeof(Element);
   static constexpr int kAccElems = kBlockM * kBlockN / 128;  // S/dP fp32 per consumer thread
 
+  // v8's tile order, v7's (bwd_v5.cuh): warpgroup w's 64 x 128 half is the 8192 floats at w·8192,
+  // its thread t's dQ fragment element e at (e % 4) + 4·t + 512·(e / 4): 16-byte vectors, a warp's
+  // 32 lanes 512 contiguous bytes. The first 4096 floats of a half are staged in the warpgroup's
+  // Q half of the step's stage, the next 4096 in its dO half (16 KiB each, the same bytes as the
+  // bf16/fp16 64 x 128 operand halves).
+  static constexpr int kFragFloats = kBlockM * kHalf / 128;  // accdQ per thread
+  static constexpr int kHalfFloats = kBlockM * kHalf;
+  static constexpr int kTileFloats = 2 * kHalfFloats;
+  static constexpr int kChunkFloats = kHalfFloats / 2;  // one staged chunk, 16 KiB
+  static_assert(kChunkFloats * sizeof(float) == kBlockM * kHalf * sizeof(Element),
+                "a dQ chunk fills one warpgroup's Q (or dO) half of a stage");
+  using DqTileLayout = Layout<Shape<_4, _128, Int<kFragFloats / 4>, _2>,
+                              Stride<_1, _4, Int<4 * 128>, Int<kHalfFloats>>>;
+  // The operand half of warpgroup w in stage `stage`: columns [128w, 128w + 128) of the K-major
+  // 128-B swizzled Q/dO tile are two whole 64-column atom columns, contiguous after the 64 × 128w
+  // elements of the atom columns before them (checked against SmemLayoutQ below).
+  static constexpr int half_offset(int stage, int w) {
+    return stage * kBlockM * kD + w * kBlockM * kHalf;
+  }
+
   struct SharedStorage {
     cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> v;
@@ -121,9 +147,18 @@ struct BwdKernelD256 {
     uint64_t q_empty[kStages];
     uint64_t p_free;   // 128 arrivals (warpgroup 1) per step but the last
     uint64_t ds_free;  // 128 arrivals (warpgroup 0) per step but the last
+    // v8: warpgroup w's dQ half of stage s is staged (one arrival per warp of the warpgroup).
+    // Per stage, so that a warpgroup's next arrival (two steps on) needs the writer's release of
+    // this one first: the writer's parity wait cannot miss a phase.
+    uint64_t dq_full[kStages][2];
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
+
+  static_assert(SmemLayoutQ{}(0, kHalf, 1) == half_offset(1, 1) &&
+                    SmemLayoutQ{}(kBlockM - 1, kHalf - 1, 0) < half_offset(0, 1) &&
+                    SmemLayoutQ{}(0, kD - 1, 1) < half_offset(2, 0),
+                "warpgroup halves of a Q/dO stage are contiguous 16 KiB blocks");
 
   struct Params {
     TmaQdO tma_q;
@@ -159,7 +194,13 @@ struct BwdKernelD256 {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kStages; ++i) {
         Barrier::init(&ss.q_full[i], 1 + 32);  // the TMA lane + the stats warp's lanes
-        Barrier::init(&ss.q_empty[i], kConsumerThreads);
+        // v8: the writer thread releases a stage once its bulk reduces have read the dQ staged
+        // there; v6: every consumer thread, after its last GEMM of the step.
+        Barrier::init(&ss.q_empty[i], kTileDq ? 1 : kConsumerThreads);
+        if constexpr (kTileDq) {
+          Barrier::init(&ss.dq_full[i][0], 4);
+          Barrier::init(&ss.dq_full[i][1], 4);
+        }
       }
       Barrier::init(&ss.p_free, 128);
       Barrier::init(&ss.ds_free, 128);
@@ -175,6 +216,8 @@ struct BwdKernelD256 {
         } else if (threadIdx.x / 32 == 2) {
           load_stats_rows<BwdKernelD256>(p, ss, seq, threadIdx.x % 32, blockIdx.x, blockIdx.y,
                                          blockIdx.z, m_lo, m_hi);
+        } else if (kTileDq && threadIdx.x == 32) {
+          write_dq_tiles(p, ss, seq, m_lo, m_hi);
         }
       }
     } else {
@@ -218,6 +261,64 @@ struct BwdKernelD256 {
         g_rc(r, c) = g;
       }
     }
+  }
+
+  // v8's writer (lane 0 of warp 1): walks the consumers' steps; once warpgroup w has staged its
+  // half of a step's dQ, adds it to the tile with two 16 KiB bulk reduces; once all four have read
+  // shared memory, releases the stage to the producer. The whole tile is added, rows past the
+  // sequence included (zeros: P = 0 there), into the sequence's own tiles (dq_first_tile).
+  static __device__ __forceinline__ void write_dq_tiles(Params const& p, SharedStorage& ss,
+                                                        SeqInfo const& seq, int m_lo, int m_hi) {
+    int const count = m_hi - m_lo + 1;
+    int const rot = blockIdx.x % count;  // the consumers' rotation (consume)
+    int const group = p.s.heads_q / p.s.heads_k;
+    int64_t const tile_stride = int64_t(p.s.heads_q) * kTileFloats;  // next query tile
+    float* head_base = p.dq_accum + dq_tile_offset(p.s, blockIdx.z, seq.start_q, 0,
+                                                   int(blockIdx.y) * group);
+    uint32_t const q0 = static_cast<uint32_t>(__cvta_generic_to_shared(ss.q.data()));
+    uint32_t const do0 = static_cast<uint32_t>(__cvta_generic_to_shared(ss.dout.data()));
+    uint32_t const full0 = static_cast<uint32_t>(__cvta_generic_to_shared(&ss.dq_full[0][0]));
+    uint32_t const empty0 = static_cast<uint32_t>(__cvta_generic_to_shared(&ss.q_empty[0]));
+    constexpr int kChunkBytes = kChunkFloats * int(sizeof(float));
+    int step = 0;
+#pragma unroll 1
+    for (int hh = 0; hh < group; ++hh, head_base += kTileFloats) {
+#pragma unroll 1
+      for (int i = 0; i < count; ++i, ++step) {
+        int const stage = step & 1;
+        uint32_t const parity = (step >> 1) & 1;
+        float* const dst = head_base + query_block_at(i, m_lo, count, rot) * tile_stride;
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+          uint32_t const off = half_offset(stage, w) * int(sizeof(Element));
+          wait_parity(full0 + 8 * (2 * stage + w), parity);
+          bulk_reduce_add_f32_s(dst + w * kHalfFloats, q0 + off, kChunkBytes);
+          bulk_reduce_add_f32_s(dst + w * kHalfFloats + kChunkFloats, do0 + off, kChunkBytes);
+        }
+        bulk_commit();
+        bulk_wait_read<0>();
+        arrive_shared(empty0 + 8 * stage);
+      }
+    }
+    // The CTA's shared memory must outlive the bulk reduces, and their adds must land.
+    bulk_wait_all();
+  }
+
+  // v8: float offset of the tile of query tile m of (sequence b, head h) in the accumulator.
+  static __host__ __device__ __forceinline__ int64_t dq_tile_offset(AttnShape const& s, int b,
+                                                                    int start_q, int m, int h) {
+    int64_t const t = dq_first_tile(s.cu_q != nullptr, b, start_q, s.seqlen_q, kBlockM) + m;
+    return (t * s.heads_q + h) * kTileFloats;
+  }
+
+  // v8: the (row, column) of the 64 × 256 tile that dQ fragment element e of thread t of
+  // warpgroup w holds, from the dQ TiledMMA's own partition (read by v7's postprocess,
+  // dq_postprocess_tiles, which v8 shares).
+  static __host__ __device__ __forceinline__ cute::tuple<int, int> dq_cell(int w, int t, int e) {
+    MmaDQ mma;
+    auto const c = mma.get_thread_slice(t).partition_C(
+        make_identity_tensor(Shape<Int<kBlockM>, Int<kHalf>>{}))(e);
+    return cute::make_tuple(int(get<0>(c)), kHalf * w + int(get<1>(c)));
   }
 
   static __device__ __forceinline__ void consume(Params const& p, SharedStorage& ss,
@@ -371,7 +472,27 @@ struct BwdKernelD256 {
           // mbarrier is step k's; a warpgroup is never a whole step ahead of the other, so the
           // parity wait cannot alias). None after the last step.
           if (!last) Barrier::arrive(w == 0 ? &ss.ds_free : &ss.p_free);
-          Barrier::arrive(&ss.q_empty[st.index]);
+          if constexpr (kTileDq) {
+            // Q half w (dK_w's B, and S's A: waited before P-ready) and dO half w (dV_w's B, and
+            // dP's A: waited before dS-ready) of this stage are read by no GEMM any more; the
+            // other warpgroup's GEMMs read only its own halves. The writer hands the stage back.
+            static_assert(decltype(size(accdQ))::value == kFragFloats);
+            float* const chunk0 = reinterpret_cast<float*>(ss.q.data() + half_offset(st.index, w));
+            float* const chunk1 =
+                reinterpret_cast<float*>(ss.dout.data() + half_offset(st.index, w));
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < kFragFloats; e += 4) {
+              int const at = DqTileLayout{}(0, tid, e / 4, 0);  // < kHalfFloats
+              float* const dst = at < kChunkFloats ? chunk0 + at : chunk1 + (at - kChunkFloats);
+              *reinterpret_cast<float4*>(dst) =
+                  make_float4(accdQ(e), accdQ(e + 1), accdQ(e + 2), accdQ(e + 3));
+            }
+            cutlass::arch::fence_view_async_shared();  // the bulk reduces read through the async proxy
+            __syncwarp();
+            if (tid % 32 == 0) Barrier::arrive(&ss.dq_full[st.index][w]);
+          } else {
+            Barrier::arrive(&ss.q_empty[st.index]);
+          }
           st.advance();
           // kNoAdd keeps the dQ GEMM alive behind a condition that never holds (softcap >= 0):
           // with nothing reading accdQ, the compiler drops the GEMM's instructions.

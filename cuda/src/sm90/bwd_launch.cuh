@@ -1,7 +1,8 @@
 // Host side of the sm90 backward: TMA descriptors and the launch of the main kernel (one CTA per
 // (key block, kv head, sequence)): v2/v3 (64 keys), v5 (128 keys, hd64/hd128), v6 (64 keys, hd256,
-// the default there), v7 (v5 with the per-tile dQ accumulator, the default at hd64/hd128; launches
-// its own postprocess). The other preprocess/postprocess kernels live in aux_kernels.cu.
+// the default there), v7 (v5 with the per-tile dQ accumulator, the default at hd64/hd128) and v8
+// (v6 with it, hd256); v7 and v8 launch their own postprocess. The other preprocess/postprocess
+// kernels live in aux_kernels.cu.
 // Target: sm_90a.
 #pragma once
 
@@ -109,16 +110,12 @@ cudaError_t launch_bwd_d256(BwdArgs const& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// v7: the main kernel into the per-tile accumulator, then its postprocess (the row-layout one in
-// aux_kernels.cu cannot read tiles; api.cpp skips it when ws.dq_tile_rows is set).
-template <typename Element, int kDqk, int kDv>
-cudaError_t launch_bwd_v7(BwdArgs const& a, cudaStream_t stream) {
-  using K = BwdKernelV7<Element, kDqk, kDv>;
+// The postprocess of the per-tile accumulator that kernel K filled (v7, v8): dq = scale · tile
+// (the row-layout one in aux_kernels.cu cannot read tiles; api.cpp skips it when ws.dq_tile_rows
+// is set).
+template <class K>
+cudaError_t launch_dq_postprocess_tiles(BwdArgs const& a, cudaStream_t stream) {
   AttnShape const& s = a.s;
-  if (a.ws.dq_tile_rows != K::kBlockM) return cudaErrorInvalidValue;  // sized for another tile
-  cudaError_t err = launch_bwd_v5<K>(
-      a, a.bwd_version == kBwdTimingV7NoReduce ? DqMode::kStageOnly : DqMode::kReduce, stream);
-  if (err != cudaSuccess) return err;
   DqTileArgs const pa{s,
                       reinterpret_cast<float const*>(a.workspace + a.ws.dq_accum),
                       a.dq.ptr,
@@ -130,11 +127,32 @@ cudaError_t launch_bwd_v7(BwdArgs const& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// v7: the main kernel into the per-tile accumulator, then its postprocess.
+template <typename Element, int kDqk, int kDv>
+cudaError_t launch_bwd_v7(BwdArgs const& a, cudaStream_t stream) {
+  using K = BwdKernelV7<Element, kDqk, kDv>;
+  if (a.ws.dq_tile_rows != K::kBlockM) return cudaErrorInvalidValue;  // sized for another tile
+  cudaError_t err = launch_bwd_v5<K>(
+      a, a.bwd_version == kBwdTimingV7NoReduce ? DqMode::kStageOnly : DqMode::kReduce, stream);
+  if (err != cudaSuccess) return err;
+  return launch_dq_postprocess_tiles<K>(a, stream);
+}
+
+// v8: v6 into the per-tile accumulator, then the same postprocess.
+template <typename Element>
+cudaError_t launch_bwd_v8(BwdArgs const& a, cudaStream_t stream) {
+  using K = BwdKernelD256<Element, D256Dq::kTile>;
+  if (a.ws.dq_tile_rows != K::kBlockM) return cudaErrorInvalidValue;  // sized for another tile
+  cudaError_t err = launch_bwd_d256<Element, D256Dq::kTile>(a, stream);
+  if (err != cudaSuccess) return err;
+  return launch_dq_postprocess_tiles<K>(a, stream);
+}
+
 template <typename Element, int kDqk, int kDv>
 cudaError_t launch_bwd(BwdArgs const& a, cudaStream_t stream) {
   if constexpr (kBwdV5Supported<kDqk, kDv>) {
-    // ws.dq_tile_rows is set exactly when params.h's bwd_v7_applies holds: the workspace holds
-    // the per-tile accumulator, which only v7 fills.
+    // ws.dq_tile_rows is set exactly when params.h's bwd_tile_dq_applies holds: the workspace
+    // holds the per-tile accumulator, which at these head dims only v7 fills.
     if (a.ws.dq_tile_rows != 0) return launch_bwd_v7<Element, kDqk, kDv>(a, stream);
     if (bwd_v5_applies<Element, kDqk, kDv>(a)) {
       DqMode const mode = a.bwd_version == kBwdTimingV5NoDqAdd    ? DqMode::kSkip
@@ -143,8 +161,9 @@ cudaError_t launch_bwd(BwdArgs const& a, cudaStream_t stream) {
       return launch_bwd_v5<BwdKernelV5<Element, kDqk, kDv>>(a, mode, stream);
     }
   }
-  if (a.ws.dq_tile_rows != 0) return cudaErrorInvalidValue;  // bwd_v7_applies: never here
   if constexpr (kBwdD256Supported<kDqk, kDv>) {
+    // The per-tile accumulator at hd256 is v8's (params.h bwd_tile_dq_applies).
+    if (a.ws.dq_tile_rows != 0) return launch_bwd_v8<Element>(a, stream);
     // v6: asked for, or the default (params.h kBwdDefault), or its dQ timing variants; never
     // deterministic.
     if (!a.s.deterministic) {
@@ -159,6 +178,7 @@ cudaError_t launch_bwd(BwdArgs const& a, cudaStream_t stream) {
       }
     }
   }
+  if (a.ws.dq_tile_rows != 0) return cudaErrorInvalidValue;  // bwd_tile_dq_applies: never here
   using K = BwdKernel<Element, kDqk, kDv>;
   AttnShape const& s = a.s;
   typename K::Params p{

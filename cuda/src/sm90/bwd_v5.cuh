@@ -873,8 +873,8 @@ template <typename Element, int kDqk, int kDv>
 struct BwdKernelV5 : BwdKernelV5Impl<Element, kDqk, kDv, false> {};
 template <typename Element, int kDqk, int kDv>
 struct BwdKernelV7 : BwdKernelV5Impl<Element, kDqk, kDv, true> {
-  static_assert(BwdKernelV5Impl<Element, kDqk, kDv, true>::kBlockM == bwd_v7_tile_rows(kDqk),
-                "the workspace size query sizes v7's tiles by bwd_v7_tile_rows");
+  static_assert(BwdKernelV5Impl<Element, kDqk, kDv, true>::kBlockM == bwd_tile_dq_rows(kDqk),
+                "the workspace size query sizes v7's tiles by bwd_tile_dq_rows");
 };
 
 template <class Kernel>

@@ -200,11 +200,21 @@ def _bwd_bytes(p: _lib.Params) -> int:
     return n.value
 
 
-@pytest.mark.parametrize("d, rows", [(128, 64), (64, 128)])
-def test_workspace_sizes_v7_tile_accumulator(monkeypatch, d, rows):
-    """v7 (the default, and LONGFLASH_CUDA_BWD=v7) sizes dQ's accumulator per (query tile, head):
-    dense sequences round up to whole tiles, varlen takes floor(Tq / rows) + B tiles (params.h
-    dq_first_tile); every other variant, and v7 where it does not apply, keeps the row layout."""
+@pytest.mark.parametrize(
+    "d, rows, tiled, untiled",
+    [
+        # v7 (the default there, and LONGFLASH_CUDA_BWD=v7) at hd128 and hd64
+        (128, 64, ("v7", "timing-v7-no-reduce", ""), ("v5", "v2", "v8")),
+        (64, 128, ("v7", "timing-v7-no-reduce", ""), ("v5", "v2", "v8")),
+        # v8 at hd256, where the default is still v6
+        (256, 64, ("v8",), ("v6", "v2", "", "v7")),
+    ],
+)
+def test_workspace_sizes_tile_accumulator(monkeypatch, d, rows, tiled, untiled):
+    """The variants that fill the per-tile dQ accumulator (v7 at hd64/hd128, v8 at hd256) size it
+    per (query tile, head): dense sequences round up to whole tiles, varlen takes
+    floor(Tq / rows) + B tiles (params.h dq_first_tile); every other variant, the deterministic
+    mode, and v7/v8 where they do not apply keep the row layout."""
     if not lib.lf_has_kernel(d, d, _lib.LF_BFLOAT16):
         pytest.skip(f"hd{d} is not compiled in this build (LONGFLASH_HEAD_DIMS)")
     dense_kw = dict(
@@ -213,16 +223,12 @@ def test_workspace_sizes_v7_tile_accumulator(monkeypatch, d, rows):
     stats = 2 * _a256(600 * 4 * 4)  # lse_log2 and dpsum, fp32 per (row, head)
     row_layout = _a256(600 * 4 * d * 4) + stats
     tile_layout = _a256(2 * -(-300 // rows) * 4 * rows * d * 4) + stats
-    for var, want in (
-        ("v5", row_layout),
-        ("v2", row_layout),
-        ("v7", tile_layout),
-        ("timing-v7-no-reduce", tile_layout),
-        ("", tile_layout),  # unset: the default
-    ):
+    assert tile_layout > row_layout
+    for var in tiled + untiled:
         monkeypatch.setenv("LONGFLASH_CUDA_BWD", var)
+        want = tile_layout if var in tiled else row_layout
         assert _bwd_bytes(params(**dense_kw)) == want, var
-    monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v7")
+    monkeypatch.setenv("LONGFLASH_CUDA_BWD", tiled[0])
     det = _bwd_bytes(params(deterministic=1, **dense_kw))
     assert row_layout < det < tile_layout  # deterministic runs v2: rows plus semaphores
     lens = [63, 65, 0, 1, 128, 129, 200]
@@ -243,16 +249,19 @@ def test_workspace_sizes_v7_tile_accumulator(monkeypatch, d, rows):
     stats = 2 * _a256(tq * 4 * 4)
     tiles = tq // rows + len(lens)
     assert _bwd_bytes(params(**var_kw)) == _a256(tiles * 4 * rows * d * 4) + stats
-    monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v5")
+    monkeypatch.setenv("LONGFLASH_CUDA_BWD", untiled[0])
     assert _bwd_bytes(params(**var_kw)) == _a256(tq * 4 * d * 4) + stats
-    # v7 does not apply at other head dims (the size query rejects dims this build lacks).
-    for other in (96, 192, 256):
-        if lib.lf_has_kernel(other, other, _lib.LF_BFLOAT16):
-            kw = dict(dense_kw, head_dim_qk=other, head_dim_v=other)
-            monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v7")
-            v7_size = _bwd_bytes(params(**kw))
-            monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v5")
-            assert v7_size == _bwd_bytes(params(**kw)), other
+    # The tiled variant does not apply at other head dims (the size query rejects dims this
+    # build lacks).
+    for other in (64, 96, 128, 192, 256):
+        applies = other == d or (tiled[0] == "v7" and other in (64, 128))
+        if applies or not lib.lf_has_kernel(other, other, _lib.LF_BFLOAT16):
+            continue
+        kw = dict(dense_kw, head_dim_qk=other, head_dim_v=other)
+        monkeypatch.setenv("LONGFLASH_CUDA_BWD", tiled[0])
+        tiled_size = _bwd_bytes(params(**kw))
+        monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v2")
+        assert tiled_size == _bwd_bytes(params(**kw)), other
 
 
 @pytest.mark.parametrize("variant", ["", "v5", "v7"])

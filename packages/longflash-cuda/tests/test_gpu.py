@@ -111,9 +111,10 @@ def test_cuda_graph_and_compile():
 
 @pytest.mark.parametrize(
     "variant,d",
-    # Each variant at the head dims where it is its own kernel (v5, v7: hd64/hd128, v6: hd256);
-    # v2 at hd256 too, as v6's reference path.
-    [(v, d) for v in ("v2", "v3", "v5", "v7") for d in (64, 128)] + [("v2", 256), ("v6", 256)],
+    # Each variant at the head dims where it is its own kernel (v5, v7: hd64/hd128, v6, v8:
+    # hd256); v2 at hd256 too, as v6's reference path.
+    [(v, d) for v in ("v2", "v3", "v5", "v7") for d in (64, 128)]
+    + [("v2", 256), ("v6", 256), ("v8", 256)],
 )
 @pytest.mark.parametrize(
     "nq,nk,hq,hk,causal,window",
@@ -127,8 +128,8 @@ def test_cuda_graph_and_compile():
 )
 def test_backward_variants_match_float64(monkeypatch, variant, d, nq, nk, hq, hk, causal, window):
     """Every LONGFLASH_CUDA_BWD variant (v5: 128-key blocks, hd64 and hd128; v7: v5 with the
-    per-tile dQ accumulator; v6: hd256) against float64 autograd, with NaN-poisoned memory under
-    the outputs so an unwritten element fails."""
+    per-tile dQ accumulator; v6: hd256; v8: v6 with the per-tile accumulator) against float64
+    autograd, with NaN-poisoned memory under the outputs so an unwritten element fails."""
     from longflash_cuda import _lib, _torch
 
     if (d, d) not in _lib.compiled_head_dims(_lib.load()[0])["bfloat16"]:
@@ -195,25 +196,27 @@ def _bwd_ref64(q, k, v, dout, scale, causal):
     return qd.grad, kd.grad, vd.grad
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("variant,d", [("v7", 64), ("v7", 128), ("v8", 256)])
 @pytest.mark.parametrize(
     "lq,lk,hq,hk,causal",
     [
-        # Sequence starts off the tile grid (64 rows at hd128, 128 at hd64), lengths one short
-        # of, at and one past a tile, an empty and a one-token sequence: v7 pads each sequence's
-        # tiles to floor(start / tile) + index, and the postprocess must skip the padded rows.
+        # Sequence starts off the tile grid (64 rows at hd128/hd256, 128 at hd64), lengths one
+        # short of, at and one past a tile, an empty and a one-token sequence: v7/v8 pad each
+        # sequence's tiles to floor(start / tile) + index, and the postprocess must skip the
+        # padded rows.
         ([63, 65, 0, 1, 128, 129, 200], [70, 65, 9, 1, 128, 300, 200], 4, 2, True),
         ([127, 1, 64, 256, 3], [127, 40, 64, 256, 500], 2, 1, False),
     ],
 )
-def test_backward_v7_varlen_tiles_match_float64(monkeypatch, d, lq, lk, hq, hk, causal):
-    """LONGFLASH_CUDA_BWD=v7 on packed sequences whose starts and ends fall everywhere relative to
-    its dQ tiles, against float64 per sequence, NaN-poisoned so an unwritten dq row fails."""
+def test_backward_tile_dq_varlen_matches_float64(monkeypatch, variant, d, lq, lk, hq, hk, causal):
+    """LONGFLASH_CUDA_BWD=v7 (hd64/hd128) and v8 (hd256) on packed sequences whose starts and ends
+    fall everywhere relative to their dQ tiles, against float64 per sequence, NaN-poisoned so an
+    unwritten dq row fails."""
     from longflash_cuda import _lib, _torch
 
     if (d, d) not in _lib.compiled_head_dims(_lib.load()[0])["bfloat16"]:
         pytest.skip(f"hd{d} bf16 is not in this build")
-    monkeypatch.setenv("LONGFLASH_CUDA_BWD", "v7")
+    monkeypatch.setenv("LONGFLASH_CUDA_BWD", variant)
     torch.manual_seed(0)
     q, k, v, call, (cu_q, cu_k) = _forward_inputs(
         d, 1, 0, 0, hq, hk, torch.bfloat16, (lq, lk), causal=causal
