@@ -12,7 +12,8 @@ laid out per query tile (one bulk reduce per warpgroup half and step instead of 
 v5 and v7 exist at hd64 and hd128, v6 and v8 at hd256 (elsewhere the library runs v2 for them),
 so each head dim times the first variant and the variants that exist there. Each variant's
 dQ/dK/dV are compared with the first variant's (v2 by default: an independent kernel).
-"default" times whatever LONGFLASH_CUDA_BWD unset selects.
+"default" times whatever LONGFLASH_CUDA_BWD unset selects. Timings are medians over --rounds
+passes, each of which times every variant and peer in turn (drift falls on all alike).
 
     LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so \
     PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src \
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from functools import partial
@@ -40,7 +40,7 @@ from longflash.frontends import torch as lft
 from longflash_cuda import _torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cuda_check import bench, rel  # noqa: E402
+from cuda_check import env_setter, interleaved, rel  # noqa: E402
 
 HD256_ONLY = ("v6", "v8")  # their own kernels at hd256 only
 
@@ -52,6 +52,9 @@ def main() -> int:
     ap.add_argument("--seqlens", default="16384")
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dims", default="128")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="interleaved passes over all variants (median)"
+    )
     args = ap.parse_args()
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name()}
     rows: list[dict] = []
@@ -67,7 +70,7 @@ def main() -> int:
                 or v in ("v2", "default")
                 or (d == 256 if v in HD256_ONLY or v.startswith("timing-v6-") else d in (64, 128))
             ]
-            rows += measure(n, args.heads, d, variants)
+            rows += measure(n, args.heads, d, variants, args.rounds)
             report["timings"] = rows
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
@@ -83,7 +86,7 @@ def main() -> int:
     return 0
 
 
-def measure(n: int, h: int, d: int, variants: list[str]) -> list[dict]:
+def measure(n: int, h: int, d: int, variants: list[str], rounds: int) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.manual_seed(0)
@@ -97,13 +100,12 @@ def measure(n: int, h: int, d: int, variants: list[str]) -> list[dict]:
         call = lft.make_call(q, k, v, causal=causal)
         out, lse = _torch.forward(call, q, k, v)
         dout = torch.randn_like(out)
-        row = {"causal": causal, "N": n, "H": h, "D": d}
+        row = {"causal": causal, "N": n, "H": h, "D": d, "rounds": rounds}
         ref = None
+        cases = {}
         for var in variants:
-            if var == "default":
-                os.environ.pop("LONGFLASH_CUDA_BWD", None)
-            else:
-                os.environ["LONGFLASH_CUDA_BWD"] = var
+            setup = env_setter("LONGFLASH_CUDA_BWD", var)
+            setup()
             grads = _torch.backward(call, dout, q, k, v, out, lse)
             torch.cuda.synchronize()
             if ref is None:
@@ -111,18 +113,10 @@ def measure(n: int, h: int, d: int, variants: list[str]) -> list[dict]:
             else:
                 for name, g, r in zip(("dq", "dk", "dv"), grads, ref):
                     row[f"{var}_{name}_rel_vs_{variants[0]}"] = rel(g, r)
-            t = bench(partial(_torch.backward, call, dout, q, k, v, out, lse))
-            row[f"{var}_bwd_ms"] = t
-            row[f"{var}_bwd_tflops"] = flops / t / 1e9
-            print(
-                var,
-                n,
-                d,
-                "causal" if causal else "dense",
-                f"{t:.2f} ms {flops / t / 1e9:.0f} TFLOP/s",
-                flush=True,
-            )
-        os.environ.pop("LONGFLASH_CUDA_BWD", None)
+            del grads
+            cases[var] = (setup, partial(_torch.backward, call, dout, q, k, v, out, lse))
+        unset = env_setter("LONGFLASH_CUDA_BWD", "default")
+        graphs = []
         for name, be in (
             ("flash", SDPBackend.FLASH_ATTENTION),
             ("cudnn", SDPBackend.CUDNN_ATTENTION),
@@ -130,22 +124,23 @@ def measure(n: int, h: int, d: int, variants: list[str]) -> list[dict]:
             try:
                 with sdpa_kernel(be):
                     o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-                    g = torch.randn_like(o)
-                    t = bench(partial(torch.autograd.grad, o, (qt, kt, vt), g, retain_graph=True))
-                    row[f"{name}_bwd_ms"] = t
-                    row[f"{name}_bwd_tflops"] = flops / t / 1e9
-                    print(
-                        name,
-                        n,
-                        d,
-                        "causal" if causal else "dense",
-                        f"{flops / t / 1e9:.0f} TFLOP/s",
-                        flush=True,
-                    )
             except Exception as exc:  # a peer missing on this machine is reported, not fatal
                 row[f"{name}_error"] = repr(exc)
+                continue
+            g = torch.randn_like(o)
+            graphs.append((o, g))
+            cases[name] = (
+                unset,
+                partial(torch.autograd.grad, o, (qt, kt, vt), g, retain_graph=True),
+            )
+        for name, t in interleaved(cases, rounds).items():
+            row[f"{name}_bwd_ms"] = t
+            row[f"{name}_bwd_tflops"] = flops / t / 1e9
+            tag = "causal" if causal else "dense"
+            print(name, n, d, tag, f"{t:.2f} ms {flops / t / 1e9:.0f} TFLOP/s", flush=True)
+        unset()
         rows.append(row)
-        del out, lse, dout
+        del out, lse, dout, graphs
     del q, k, v, qt, kt, vt
     torch.cuda.empty_cache()
     return rows

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -398,6 +399,31 @@ def bench(fn, warmup=3, iters=10) -> float:
     torch.cuda.synchronize()
     times = sorted(s.elapsed_time(e) for s, e in zip(start, end))
     return times[len(times) // 2]
+
+
+def interleaved(cases: dict, rounds: int = 3) -> dict[str, float]:
+    """Median ms of each case over `rounds` passes that each time every case once (bench), in
+    turn, so the clock and temperature drift of a long run falls on all cases alike instead of on
+    whichever runs last. cases: name -> (setup, fn); setup() runs before each timing of fn."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, (setup, fn) in cases.items():
+            setup()
+            times[name].append(bench(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def env_setter(name: str, value: str):
+    """setup() for interleaved: the variable as `value` ("default": unset), which the library
+    reads on every call."""
+
+    def setup() -> None:
+        if value == "default":
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+    return setup
 
 
 def timings(seqlen=16384, heads=16, d=128):

@@ -8,6 +8,8 @@ and `v3-emu` (v3 with 3/16 of the exponentials on the FMA pipe) exist at hd64 on
 head dims the library runs the default for them, so their rows there measure nothing but
 run-to-run noise (a check that hd128 is unaffected).
 Each variant's out and lse are compared with the first variant's, and out with SDPA flash's.
+Timings are medians over --rounds passes, each of which times every variant and peer in turn,
+so clock and temperature drift during the run does not favour whichever runs first.
 
     LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so \
     PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src \
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from functools import partial
@@ -31,7 +32,7 @@ from longflash.frontends import torch as lft
 from longflash_cuda import _torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cuda_check import bench, rel  # noqa: E402
+from cuda_check import env_setter, interleaved, rel  # noqa: E402
 
 
 def main() -> int:
@@ -42,13 +43,16 @@ def main() -> int:
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--tokens", type=int, default=16384, help="B·N (the bench grid's 16K)")
     ap.add_argument("--width", type=int, default=2048, help="H·D (the bench grid's 2048)")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="interleaved passes over all variants (median)"
+    )
     args = ap.parse_args()
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name()}
     rows: list[dict] = []
     variants = args.variants.split(",")
     for d in (int(x) for x in args.dims.split(",")):
         for n in (int(x) for x in args.seqlens.split(",")):
-            rows += measure(max(1, args.tokens // n), n, args.width // d, d, variants)
+            rows += measure(max(1, args.tokens // n), n, args.width // d, d, variants, args.rounds)
             report["timings"] = rows
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
@@ -66,8 +70,15 @@ def main() -> int:
     return 0
 
 
-def measure(b: int, n: int, h: int, d: int, variants: list[str]) -> list[dict]:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def _sdpa(backend, qt, kt, vt, causal: bool) -> torch.Tensor:
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+
+def measure(b: int, n: int, h: int, d: int, variants: list[str], rounds: int) -> list[dict]:
+    from torch.nn.attention import SDPBackend
 
     torch.manual_seed(0)
     q = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16)
@@ -78,13 +89,12 @@ def measure(b: int, n: int, h: int, d: int, variants: list[str]) -> list[dict]:
     for causal in (False, True):
         flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
         call = lft.make_call(q, k, v, causal=causal)
-        row = {"causal": causal, "B": b, "N": n, "H": h, "D": d}
+        row = {"causal": causal, "B": b, "N": n, "H": h, "D": d, "rounds": rounds}
         ref = None
+        cases = {}
         for var in variants:
-            if var == "default":
-                os.environ.pop("LONGFLASH_CUDA_FWD", None)
-            else:
-                os.environ["LONGFLASH_CUDA_FWD"] = var
+            setup = env_setter("LONGFLASH_CUDA_FWD", var)
+            setup()
             out, lse = _torch.forward(call, q, k, v)
             torch.cuda.synchronize()
             if ref is None:
@@ -92,29 +102,28 @@ def measure(b: int, n: int, h: int, d: int, variants: list[str]) -> list[dict]:
             else:
                 row[f"{var}_out_rel_vs_{variants[0]}"] = rel(out, ref[0])
                 row[f"{var}_lse_maxabs_vs_{variants[0]}"] = (lse - ref[1]).abs().max().item()
-            t = bench(partial(_torch.forward, call, q, k, v))
-            row[f"{var}_fwd_ms"] = t
-            row[f"{var}_fwd_tflops"] = flops / t / 1e9
-            print(var, n, d, "causal" if causal else "dense", f"{t:.3f} ms", flush=True)
             del out, lse
-        os.environ.pop("LONGFLASH_CUDA_FWD", None)
+            cases[var] = (setup, partial(_torch.forward, call, q, k, v))
+        unset = env_setter("LONGFLASH_CUDA_FWD", "default")
         for name, be in (
             ("flash", SDPBackend.FLASH_ATTENTION),
             ("cudnn", SDPBackend.CUDNN_ATTENTION),
         ):
+            fn = partial(_sdpa, be, qt, kt, vt, causal)
             try:
-                with sdpa_kernel(be):
-                    fn = partial(F.scaled_dot_product_attention, qt, kt, vt, is_causal=causal)
-                    o = fn()
-                    if name == "flash":
-                        row[f"{variants[0]}_out_rel_vs_flash"] = rel(ref[0], o.transpose(1, 2))
-                    del o
-                    t = bench(fn)
-                    row[f"{name}_fwd_ms"] = t
-                    row[f"{name}_fwd_tflops"] = flops / t / 1e9
-                    print(name, n, d, "causal" if causal else "dense", f"{t:.3f} ms", flush=True)
+                o = fn()
             except Exception as exc:  # a peer missing on this machine is reported, not fatal
                 row[f"{name}_error"] = repr(exc)
+                continue
+            if name == "flash":
+                row[f"{variants[0]}_out_rel_vs_flash"] = rel(ref[0], o.transpose(1, 2))
+            del o
+            cases[name] = (unset, fn)
+        for name, t in interleaved(cases, rounds).items():
+            row[f"{name}_fwd_ms"] = t
+            row[f"{name}_fwd_tflops"] = flops / t / 1e9
+            print(name, n, d, "causal" if causal else "dense", f"{t:.3f} ms", flush=True)
+        unset()
         rows.append(row)
         del ref
     del q, k, v, qt, kt, vt
