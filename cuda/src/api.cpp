@@ -262,15 +262,15 @@ lf_status cuda_fail(cudaError_t err, char const* what) {
 
 size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
-// Backward variant from LONGFLASH_CUDA_BWD ("v2", "v3", "v5", "v6", "v7" or "v8"; unset: kBwdDefault,
-// which is v7 at hd64/hd128 and v6 at hd256, params.h). Read on every call (cheap next to a
+// Backward variant from LONGFLASH_CUDA_BWD ("v2", "v3", "v5", "v6", "v7" or "v8"; unset:
+// kBwdDefault, which is v7 at hd64/hd128 and v8 at hd256, params.h). Read on every call (cheap next to a
 // launch) so a process can switch it for A/B timing. v5 and v7 cover hd64 and hd128 outside the
 // deterministic mode; other calls that ask for them run v2. v4 was folded into v5 (v5's chain is
 // v4's with the dQ reduces handed to writer warps); "v4" selects v5.
 int bwd_version() {
   // The default: v7 at hd64/hd128 (on the H200 every check, the shared suite through torch,
-  // memcheck and racecheck passed; 1.02-1.12x v5) and v6 at hd256 (every hd256 check and both
-  // sanitizers; 1.85-1.93x v2), benchmarks/NOTES-cuda.md "v6", "v7". The launcher sends the
+  // memcheck and racecheck passed; 1.02-1.12x v5) and v8 at hd256 (every hd256 check and both
+  // sanitizers; 1.42-1.59x v6), benchmarks/NOTES-cuda.md "v7", "v8". The launcher sends the
   // shapes neither covers to v2.
   char const* e = std::getenv("LONGFLASH_CUDA_BWD");
   if (e == nullptr || *e == '\0') return kBwdDefault;
@@ -309,11 +309,16 @@ int fwd_version() {
 }
 
 // The forward's grid (params.h kFwdGrid*). The persistent grid's static schedule (fwd.cuh
-// FwdTiles) is balanced only when every tile costs the same: no causal/window band and no varlen.
-// Elsewhere one CTA per tile, which the hardware hands out dynamically: at hd128/hd256, N = 16K
-// causal the static schedule measured 0.53-0.68x of it (benchmarks/NOTES-cuda.md, persistent
-// forward). LONGFLASH_CUDA_FWD's "+grid", "+persistent" (static) or "+dynamic" (persistent with a
-// tile counter in the workspace; not yet measured) overrides the choice.
+// FwdTiles) is balanced when every tile costs the same (no causal/window band, no varlen), and
+// under a causal mask when each sequence has few query blocks, so that one round of the snake
+// mixes the light and heavy tiles of several heads. On the H200 (benchmarks/NOTES-cuda.md,
+// "Session 8"), causal 1K and 4K (8 and 32 blocks of 128 queries) ran 1.09-1.23x one CTA per
+// tile at hd64/128/256, and 16K (128 blocks) 0.58-0.92x, so causal calls of up to
+// kFwdStaticCausalMaxBlocks blocks run static. Elsewhere (longer causal, windows, varlen) one CTA
+// per tile, which the hardware hands out dynamically. LONGFLASH_CUDA_FWD's "+grid", "+persistent"
+// (static) or "+dynamic" (persistent with a tile counter in the workspace; slower than one CTA
+// per tile at hd256 4K causal, so not a default) overrides the choice.
+constexpr int kFwdStaticCausalMaxBlocks = 32;
 int fwd_grid(AttnShape const& s) {
   char const* e = std::getenv("LONGFLASH_CUDA_FWD");
   if (e != nullptr) {
@@ -325,8 +330,11 @@ int fwd_grid(AttnShape const& s) {
       return kFwdGridDynamic;
     }
   }
-  bool const equal_tiles = s.window_left < 0 && s.window_right < 0 && s.cu_q == nullptr;
-  return kFwdPersistentDefault && equal_tiles ? kFwdGridStatic : kFwdGridPerTile;
+  if (!kFwdPersistentDefault || s.cu_q != nullptr || s.window_left >= 0) return kFwdGridPerTile;
+  if (s.window_right < 0) return kFwdGridStatic;  // no band: every tile costs the same
+  bool const causal = s.window_right == 0;
+  bool const short_seqs = (s.seqlen_q + 127) / 128 <= kFwdStaticCausalMaxBlocks;
+  return causal && short_seqs ? kFwdGridStatic : kFwdGridPerTile;
 }
 
 // LONGFLASH_CUDA_FWD_CTAS=n caps a persistent grid at n CTAs, so that small problems walk many

@@ -61,8 +61,9 @@ constexpr int kFwdDefault = 2;
 constexpr int kFwdV3 = 3;
 constexpr int kFwdV3NoPingPong = -3;
 constexpr int kFwdV3ExpEmu = 4;
-// The forward's grid when LONGFLASH_CUDA_FWD names none: persistent (one CTA per SM) for calls
-// whose tiles all cost the same (api.cpp fwd_grid), else one CTA per tile.
+// The forward's grid when LONGFLASH_CUDA_FWD names none: persistent (one CTA per SM, static
+// schedule) for calls whose tiles all cost the same and for causal calls of at most 32 query
+// blocks per sequence (api.cpp fwd_grid), else one CTA per tile.
 constexpr bool kFwdPersistentDefault = true;
 
 // Workspace layout of the backward (offsets in bytes from the workspace base; 256-aligned).
@@ -90,7 +91,8 @@ struct BwdArgs {
   // 5 = 128-key blocks, one warpgroup per 64 keys, dQ reduces by writer warps (bwd_v5.cuh; hd64
   // and hd128, else v2); kBwdV6 = hd256 kernel of bwd_d256.cuh (else v2); kBwdV7 = v5 with the
   // per-tile dQ accumulator (hd64 and hd128, else v2; ws.dq_tile_rows != 0 exactly when it or v8
-  // runs); kBwdV8 = v6 with the per-tile accumulator (hd256, else v2); kBwdDefault = v7 at hd64/hd128, v6 at hd256, v2 elsewhere.
+  // runs); kBwdV8 = v6 with the per-tile accumulator (hd256, else v2); kBwdDefault = v7 at
+  // hd64/hd128, v8 at hd256, v2 elsewhere.
   int bwd_version;
 };
 
@@ -102,8 +104,8 @@ constexpr int kBwdTimingNoDqAdd = -1;
 constexpr int kBwdTimingV5NoDqAdd = -5;
 constexpr int kBwdTimingV5NoReduce = -6;
 // LONGFLASH_CUDA_BWD unset: the default, per head dim the variant that passed every check and
-// both sanitizers on the H200 and ran fastest there (NOTES-cuda.md "v6", "v7"): v7 at hd64 and
-// hd128, v6 at hd256; v2 at hd96/hd192 and in the deterministic mode (whose semaphore order is v2's).
+// both sanitizers on the H200 and ran fastest there (NOTES-cuda.md "v7", "v8"): v7 at hd64 and
+// hd128, v8 at hd256; v2 at hd96/hd192 and in the deterministic mode (whose semaphore order is v2's).
 constexpr int kBwdDefault = 0;
 // LONGFLASH_CUDA_BWD=v6: the hd256 backward of bwd_d256.cuh (see NOTES-cuda.md "v6").
 constexpr int kBwdV6 = 6;
@@ -120,11 +122,12 @@ constexpr int kBwdTimingV6NoDq = -9;
 
 // LONGFLASH_CUDA_BWD=v8: v6 (hd256) with v7's per-tile dQ accumulator. Each warpgroup stages its
 // fp32 dQ half in the step's Q/dO halves its own GEMMs have finished reading, and a writer thread
-// adds it with bulk reduces (NOTES-cuda.md "v8").
+// adds it with bulk reduces; the default at hd256 since it passed on the H200 at 1.42-1.59x v6
+// (NOTES-cuda.md "v8").
 constexpr int kBwdV8 = 8;
 
-// Which calls fill the per-tile dQ accumulator: v7 at v5's shapes (hd64, hd128), v8 at hd256,
-// never in the deterministic mode. The workspace size query and the launcher both decide by this
+// Which calls fill the per-tile dQ accumulator: v7 at v5's shapes (hd64, hd128), v8 at hd256
+// (both also as the default there), never in the deterministic mode. The workspace size query and the launcher both decide by this
 // (through BwdWorkspace::dq_tile_rows), so the accumulator's layout and the kernel that fills it
 // cannot disagree.
 constexpr bool bwd_tile_dq_applies(int version, int dqk, int dv, bool deterministic) {
@@ -132,7 +135,7 @@ constexpr bool bwd_tile_dq_applies(int version, int dqk, int dv, bool determinis
   if (dqk == 64 || dqk == 128) {
     return version == kBwdV7 || version == kBwdDefault || version == kBwdTimingV7NoReduce;
   }
-  return dqk == 256 && version == kBwdV8;
+  return dqk == 256 && (version == kBwdV8 || version == kBwdDefault);
 }
 // Query rows of the step and dQ tile of v7 and v8 (the kernels' kBlockM; they static_assert it).
 constexpr int bwd_tile_dq_rows(int dqk) { return dqk == 64 ? 128 : 64; }

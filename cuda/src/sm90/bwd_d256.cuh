@@ -1,6 +1,7 @@
-// Backward attention v6 at head dim 256: dV = Pᵀ·dO, dK = scale·dSᵀ·Q per 64-key block, dQ += dS·K.
-// Tile 64 keys × 64 queries; K/V once per CTA, Q/dO/lse/dpsum 2-stage ring; P, dS through smem,
-// dK/dV/dQ split by head-dim halves over two consumer warpgroups, dQ by fp32 REDs.
+// Backward attention v6/v8 at head dim 256: dV = Pᵀ·dO, dK = scale·dSᵀ·Q per 64-key block,
+// dQ += dS·K. Tile 64 keys × 64 queries; K/V once per CTA, Q/dO/lse/dpsum 2-stage ring; P, dS
+// through smem, dK/dV/dQ split by head-dim halves over two consumer warpgroups; dQ by fp32 REDs
+// (v6) or staged in the spent Q/dO stage and added by bulk reduces (v8, the default).
 // Target sm_90a (wgmma SS, TMA, setmaxnreg); Dqk = Dv = 256 only (launcher: else v2).
 #pragma once
 
@@ -194,9 +195,12 @@ struct BwdKernelD256 {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kStages; ++i) {
         Barrier::init(&ss.q_full[i], 1 + 32);  // the TMA lane + the stats warp's lanes
-        // v8: the writer thread releases a stage once its bulk reduces have read the dQ staged
-        // there; v6: every consumer thread, after its last GEMM of the step.
-        Barrier::init(&ss.q_empty[i], kTileDq ? 1 : kConsumerThreads);
+        // Every consumer thread releases a stage after its last access of the step (v8: after
+        // staging its dQ there), and in v8 the writer thread too, once its bulk reduces have read
+        // that dQ. The consumers' own arrivals order their lse/dpsum reads before the stats warp's
+        // next cp.async into the stage, an edge racecheck can see (through the writer alone, it
+        // reported those as races: NOTES-cuda.md "v8").
+        Barrier::init(&ss.q_empty[i], kConsumerThreads + (kTileDq ? 1 : 0));
         if constexpr (kTileDq) {
           Barrier::init(&ss.dq_full[i][0], 4);
           Barrier::init(&ss.dq_full[i][1], 4);
@@ -265,7 +269,7 @@ struct BwdKernelD256 {
 
   // v8's writer (lane 0 of warp 1): walks the consumers' steps; once warpgroup w has staged its
   // half of a step's dQ, adds it to the tile with two 16 KiB bulk reduces; once all four have read
-  // shared memory, releases the stage to the producer. The whole tile is added, rows past the
+  // shared memory, adds its arrival to the consumers' on the stage's q_empty. The whole tile is added, rows past the
   // sequence included (zeros: P = 0 there), into the sequence's own tiles (dq_first_tile).
   static __device__ __forceinline__ void write_dq_tiles(Params const& p, SharedStorage& ss,
                                                         SeqInfo const& seq, int m_lo, int m_hi) {
@@ -475,7 +479,8 @@ struct BwdKernelD256 {
           if constexpr (kTileDq) {
             // Q half w (dK_w's B, and S's A: waited before P-ready) and dO half w (dV_w's B, and
             // dP's A: waited before dS-ready) of this stage are read by no GEMM any more; the
-            // other warpgroup's GEMMs read only its own halves. The writer hands the stage back.
+            // other warpgroup's GEMMs read only its own halves. The stage goes back to the producer
+            // once every consumer thread and the writer have arrived on q_empty.
             static_assert(decltype(size(accdQ))::value == kFragFloats);
             float* const chunk0 = reinterpret_cast<float*>(ss.q.data() + half_offset(st.index, w));
             float* const chunk1 =
@@ -490,9 +495,8 @@ struct BwdKernelD256 {
             cutlass::arch::fence_view_async_shared();  // the bulk reduces read through the async proxy
             __syncwarp();
             if (tid % 32 == 0) Barrier::arrive(&ss.dq_full[st.index][w]);
-          } else {
-            Barrier::arrive(&ss.q_empty[st.index]);
           }
+          Barrier::arrive(&ss.q_empty[st.index]);
           st.advance();
           // kNoAdd keeps the dQ GEMM alive behind a condition that never holds (softcap >= 0):
           // with nothing reading accdQ, the compiler drops the GEMM's instructions.

@@ -70,7 +70,7 @@ cudaError_t launch_bwd_v5(BwdArgs const& a, DqMode mode, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// v6 (hd256, bwd_d256.cuh) only when asked for by name, outside the deterministic mode.
+// The hd256 kernel of bwd_d256.cuh (v6, v8, the timing variants), outside the deterministic mode.
 template <typename Element, D256Dq kDqMode = D256Dq::kReduce>
 cudaError_t launch_bwd_d256(BwdArgs const& a, cudaStream_t stream) {
   using K = BwdKernelD256<Element, kDqMode>;
@@ -164,10 +164,10 @@ cudaError_t launch_bwd(BwdArgs const& a, cudaStream_t stream) {
   if constexpr (kBwdD256Supported<kDqk, kDv>) {
     // The per-tile accumulator at hd256 is v8's (params.h bwd_tile_dq_applies).
     if (a.ws.dq_tile_rows != 0) return launch_bwd_v8<Element>(a, stream);
-    // v6: asked for, or the default (params.h kBwdDefault), or its dQ timing variants; never
-    // deterministic.
+    // v6: asked for by name, or its dQ timing variants; never deterministic. (The default is v8,
+    // which the workspace's per-tile accumulator sent above.)
     if (!a.s.deterministic) {
-      if (a.bwd_version == kBwdV6 || a.bwd_version == kBwdDefault) {
+      if (a.bwd_version == kBwdV6) {
         return launch_bwd_d256<Element>(a, stream);
       }
       if (a.bwd_version == kBwdTimingV6NoDqAdd) {

@@ -206,8 +206,8 @@ def _bwd_bytes(p: _lib.Params) -> int:
         # v7 (the default there, and LONGFLASH_CUDA_BWD=v7) at hd128 and hd64
         (128, 64, ("v7", "timing-v7-no-reduce", ""), ("v5", "v2", "v8")),
         (64, 128, ("v7", "timing-v7-no-reduce", ""), ("v5", "v2", "v8")),
-        # v8 at hd256, where the default is still v6
-        (256, 64, ("v8",), ("v6", "v2", "", "v7")),
+        # v8 (the default there) at hd256
+        (256, 64, ("v8", ""), ("v6", "v2", "v7")),
     ],
 )
 def test_workspace_sizes_tile_accumulator(monkeypatch, d, rows, tiled, untiled):
