@@ -9,7 +9,8 @@ drift from what was measured:
 
 Sources: the GPU runs of ``longflash bench`` (bench-*.json, not --quick; where several
 files measured the same case and contender, the newest wins), ``benchmarks/max_context.py``
-(max-context-*.json), ``benchmarks/ring.py`` (ring-single-*.json) and ``benchmarks/io.py``
+(max-context-*.json), ``benchmarks/ring.py`` (ring-single-*.json, ring-multi-*.json,
+ring-jax-*.json) and ``benchmarks/io.py``
 (io-*.json). Only the standard library is needed.
 """
 
@@ -205,37 +206,11 @@ def context_lines() -> list[str]:
             f"({t1['fwd_tflops']:.0f} TFLOP/s), backward {t1['bwd_ms'] / 1e3:.1f} s "
             f"({t1['bwd_tflops']:.0f} TFLOP/s), {t1['peak_mem_gib']:.1f} GiB (`{path.name}`)."
         )
-    docs = [(p, d) for p, d in _load("ring-multi-*.json") if d.get("summary")]
-    if docs:
-        # the longest sequence, newest among equals
-        path, doc = max(docs, key=lambda pd: pd[1]["config"]["seqlen"])
-        rows = {f"{r['fn']} {r['layout']}": r for r in doc["summary"]}
-        world, cfg = doc["ring"]["world"], doc["config"]
-        gpu = (doc["machine"].get("gpu") or {}).get("name", "GPU")
-        parts = [
-            f"{name} {r['fwd_bwd_ms'] / 1e3:.2f} s ({r['speedup']:.2f}×, weak-scaling "
-            f"efficiency {r['efficiency_weak']:.2f})"
-            for name, r in rows.items()
-            if "speedup" in r and "efficiency_weak" in r
-        ]
-        checked = [r for r in rows.values() if "check_ok" in r]
-        check = ""
-        if checked and all(r["check_ok"] for r in checked):
-            worst = max(e for r in checked for e in r["check_rel_error"].values())
-            ref = doc["check"][0][0]["reference_backend"]
-            check = (
-                f"; every output and gradient checked against one GPU's {ref} result "
-                f"(relative error ≤ {worst:.1e})"
-            )
-        backend = doc["ring"]["backend"]
-        lines.append(
-            f"- The same attention over **{cfg['seqlen']:,} tokens on {world} {gpu}s** "
-            f"({backend}, forward + backward; one GPU with {backend}: "
-            f"{doc['t1']['fwd_bwd_ms'] / 1e3:.2f} s): "
-            + "; ".join(parts)
-            + check
-            + f" (`{path.name}`)."
-        )
+    for pattern, front in (("ring-multi-*.json", ""), ("ring-jax-*.json", "JAX shard_map, ")):
+        docs = [(p, d) for p, d in _load(pattern) if d.get("summary")]
+        if docs:
+            # the longest sequence, newest among equals
+            lines.append(_ring_line(*max(docs, key=lambda pd: pd[1]["config"]["seqlen"]), front))
     docs = _load("io-*.json")
     if docs:
         path, doc = docs[-1]
@@ -248,6 +223,39 @@ def context_lines() -> list[str]:
                 f"{ratio['bwd']:.0f}× (backward) the DRAM bytes of ours (`{path.name}`)."
             )
     return lines
+
+
+def _ring_line(path: Path, doc: dict, front: str) -> str:
+    """One line of benchmarks/ring.py's multi-GPU run (torchrun or JAX): each variant's time,
+    same-N speed-up and weak-scaling efficiency, and the check against one GPU."""
+    rows = {f"{r['fn']} {r['layout']}": r for r in doc["summary"]}
+    world, cfg = doc["ring"]["world"], doc["config"]
+    gpu = (doc["machine"].get("gpu") or {}).get("name", "GPU")
+    parts = [
+        f"{name} {r['fwd_bwd_ms'] / 1e3:.2f} s ({r['speedup']:.2f}×, weak-scaling "
+        f"efficiency {r['efficiency_weak']:.2f})"
+        for name, r in rows.items()
+        if "speedup" in r and "efficiency_weak" in r
+    ]
+    checked = [r for r in rows.values() if "check_ok" in r]
+    check = ""
+    if checked and all(r["check_ok"] for r in checked):
+        worst = max(e for r in checked for e in r["check_rel_error"].values())
+        first = doc["check"][0]  # torchrun: one list per rank; JAX: one entry per variant
+        ref = (first[0] if isinstance(first, list) else first)["reference_backend"]
+        check = (
+            f"; every output and gradient checked against one GPU's {ref} result "
+            f"(relative error ≤ {worst:.1e})"
+        )
+    backend = doc["ring"]["backend"]
+    return (
+        f"- The same attention over **{cfg['seqlen']:,} tokens on {world} {gpu}s** "
+        f"({front}{backend}, forward + backward; one GPU with {backend}: "
+        f"{doc['t1']['fwd_bwd_ms'] / 1e3:.2f} s): "
+        + "; ".join(parts)
+        + check
+        + f" (`{path.name}`)."
+    )
 
 
 def _io_ratio(rows: list[dict]) -> dict[str, float]:
