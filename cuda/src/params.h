@@ -127,9 +127,9 @@ constexpr int kBwdTimingV6NoDq = -9;
 constexpr int kBwdV8 = 8;
 
 // Which calls fill the per-tile dQ accumulator: v7 at v5's shapes (hd64, hd128), v8 at hd256
-// (both also as the default there), never in the deterministic mode. The workspace size query and the launcher both decide by this
-// (through BwdWorkspace::dq_tile_rows), so the accumulator's layout and the kernel that fills it
-// cannot disagree.
+// (both also as the default there), never in the deterministic mode. The workspace size query
+// and the launcher both decide by this (through BwdWorkspace::dq_tile_rows), so the
+// accumulator's layout and the kernel that fills it cannot disagree.
 constexpr bool bwd_tile_dq_applies(int version, int dqk, int dv, bool deterministic) {
   if (dqk != dv || deterministic) return false;
   if (dqk == 64 || dqk == 128) {
@@ -141,8 +141,8 @@ constexpr bool bwd_tile_dq_applies(int version, int dqk, int dv, bool determinis
 constexpr int bwd_tile_dq_rows(int dqk) { return dqk == 64 ? 128 : 64; }
 
 // The per-tile accumulator's tiles (v7, v8), per head: dense sequence b starts at tile
-// b * ceil(Nq / rows); varlen sequence b (first packed row start_q) at floor(start_q / rows) + b. Sequence b needs
-// ceil(len_b / rows) tiles and floor(x + y) >= floor(x) + floor(y) gives
+// b * ceil(Nq / rows); varlen sequence b (first packed row start_q) at floor(start_q / rows) + b.
+// Sequence b needs ceil(len_b / rows) tiles and floor(x + y) >= floor(x) + floor(y) gives
 // floor(start_b / rows) + b + ceil(len_b / rows) <= floor(start_{b+1} / rows) + b + 1, so the
 // sequences' tiles never overlap, and all of them fit in floor(Tq / rows) + B tiles (start_q is
 // clamped to [0, Tq] wherever it is read). Rows past a sequence's end inside its last tile belong

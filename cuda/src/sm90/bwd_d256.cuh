@@ -23,7 +23,7 @@ inline constexpr bool kBwdD256Supported = kDqk == 256 && kDv == 256;
 // too (the cost of a dK/dV-only kernel, the first half of a separate-dQ-pass design).
 // kTile: each warpgroup stages its fp32 dQ half in the step's Q and dO halves that only its own
 // GEMMs read, and a writer thread adds the staged halves to the per-tile accumulator (params.h
-// dq_first_tile) with four 16 KiB bulk reduces, then hands the stage back to the producer. On the
+// dq_first_tile) with four 16 KiB bulk reduces, then releases the stage with the consumers. On the
 // H200 the bulk reduces add 64 KiB tiles at 2.5 TB/s where v6's 8-byte REDs reach 1.9 TB/s
 // (benchmarks/cuda_reduce_probe.cu), and those REDs are what bounds v6 (NOTES-cuda.md, "v8").
 enum class D256Dq : int { kReduce = 0, kNoAdd = 1, kNone = 2, kTile = 3 };
@@ -149,8 +149,8 @@ struct BwdKernelD256 {
     uint64_t p_free;   // 128 arrivals (warpgroup 1) per step but the last
     uint64_t ds_free;  // 128 arrivals (warpgroup 0) per step but the last
     // v8: warpgroup w's dQ half of stage s is staged (one arrival per warp of the warpgroup).
-    // Per stage, so that a warpgroup's next arrival (two steps on) needs the writer's release of
-    // this one first: the writer's parity wait cannot miss a phase.
+    // Per stage, so that a warpgroup's next arrival (two steps on) needs the stage refilled, which
+    // needs the writer's q_empty arrival for this one first: its parity wait cannot miss a phase.
     uint64_t dq_full[kStages][2];
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
@@ -269,8 +269,9 @@ struct BwdKernelD256 {
 
   // v8's writer (lane 0 of warp 1): walks the consumers' steps; once warpgroup w has staged its
   // half of a step's dQ, adds it to the tile with two 16 KiB bulk reduces; once all four have read
-  // shared memory, adds its arrival to the consumers' on the stage's q_empty. The whole tile is added, rows past the
-  // sequence included (zeros: P = 0 there), into the sequence's own tiles (dq_first_tile).
+  // shared memory, adds its arrival to the consumers' on the stage's q_empty. The whole tile is
+  // added, rows past the sequence included (zeros: P = 0 there), into the sequence's own tiles
+  // (dq_first_tile).
   static __device__ __forceinline__ void write_dq_tiles(Params const& p, SharedStorage& ss,
                                                         SeqInfo const& seq, int m_lo, int m_hi) {
     int const count = m_hi - m_lo + 1;
@@ -479,8 +480,8 @@ struct BwdKernelD256 {
           if constexpr (kTileDq) {
             // Q half w (dK_w's B, and S's A: waited before P-ready) and dO half w (dV_w's B, and
             // dP's A: waited before dS-ready) of this stage are read by no GEMM any more; the
-            // other warpgroup's GEMMs read only its own halves. The stage goes back to the producer
-            // once every consumer thread and the writer have arrived on q_empty.
+            // other warpgroup's GEMMs read only its own halves. The stage goes back to the
+            // producer once every consumer thread and the writer have arrived on q_empty.
             static_assert(decltype(size(accdQ))::value == kFragFloats);
             float* const chunk0 = reinterpret_cast<float*>(ss.q.data() + half_offset(st.index, w));
             float* const chunk1 =
@@ -492,7 +493,8 @@ struct BwdKernelD256 {
               *reinterpret_cast<float4*>(dst) =
                   make_float4(accdQ(e), accdQ(e + 1), accdQ(e + 2), accdQ(e + 3));
             }
-            cutlass::arch::fence_view_async_shared();  // the bulk reduces read through the async proxy
+            // The bulk reduces read through the async proxy.
+            cutlass::arch::fence_view_async_shared();
             __syncwarp();
             if (tid % 32 == 0) Barrier::arrive(&ss.dq_full[st.index][w]);
           }

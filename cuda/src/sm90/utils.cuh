@@ -20,7 +20,8 @@ constexpr float kLn2 = 0.6931471805599453f;
 // down to a multiple of 8 (168 at 384 threads, 128 at 512). A split that asks for more makes
 // setmaxnreg.inc wait forever for registers no warp will free: the kernel hangs.
 constexpr bool fits_register_split(int threads, int producer_regs, int consumer_regs) {
-  return 128 * producer_regs + (threads - 128) * consumer_regs <= (65536 / threads) / 8 * 8 * threads;
+  int const entry_regs = (65536 / threads) / 8 * 8;
+  return 128 * producer_regs + (threads - 128) * consumer_regs <= entry_regs * threads;
 }
 
 // One warpgroup MMA over all k-blocks of its operands. kARegs: A comes from registers (RS), whose
