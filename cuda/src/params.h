@@ -152,6 +152,12 @@ __host__ __device__ inline int64_t dq_first_tile(bool varlen, int b, int start_q
                                                  int rows) {
   return varlen ? int64_t(start_q / rows) + b : int64_t(b) * ((seqlen_q + rows - 1) / rows);
 }
+// Float offset of query tile m of (sequence b, head h): tiles of rows x dqk floats, as above.
+__host__ __device__ inline int64_t dq_tile_offset(AttnShape const& s, int b, int start_q, int m,
+                                                  int h, int rows, int dqk) {
+  int64_t const t = dq_first_tile(s.cu_q != nullptr, b, start_q, s.seqlen_q, rows) + m;
+  return (t * s.heads_q + h) * (int64_t(rows) * dqk);
+}
 inline int64_t dq_tile_count(bool varlen, int batch, int64_t tokens_q, int seqlen_q, int rows) {
   return varlen ? tokens_q / rows + batch : int64_t(batch) * ((seqlen_q + rows - 1) / rows);
 }

@@ -279,7 +279,7 @@ struct BwdKernelD256 {
     int const group = p.s.heads_q / p.s.heads_k;
     int64_t const tile_stride = int64_t(p.s.heads_q) * kTileFloats;  // next query tile
     float* head_base = p.dq_accum + dq_tile_offset(p.s, blockIdx.z, seq.start_q, 0,
-                                                   int(blockIdx.y) * group);
+                                                   int(blockIdx.y) * group, kBlockM, kD);
     uint32_t const q0 = static_cast<uint32_t>(__cvta_generic_to_shared(ss.q.data()));
     uint32_t const do0 = static_cast<uint32_t>(__cvta_generic_to_shared(ss.dout.data()));
     uint32_t const full0 = static_cast<uint32_t>(__cvta_generic_to_shared(&ss.dq_full[0][0]));
@@ -307,13 +307,6 @@ struct BwdKernelD256 {
     }
     // The CTA's shared memory must outlive the bulk reduces, and their adds must land.
     bulk_wait_all();
-  }
-
-  // v8: float offset of the tile of query tile m of (sequence b, head h) in the accumulator.
-  static __host__ __device__ __forceinline__ int64_t dq_tile_offset(AttnShape const& s, int b,
-                                                                    int start_q, int m, int h) {
-    int64_t const t = dq_first_tile(s.cu_q != nullptr, b, start_q, s.seqlen_q, kBlockM) + m;
-    return (t * s.heads_q + h) * kTileFloats;
   }
 
   // v8: the (row, column) of the 64 × 256 tile that dQ fragment element e of thread t of

@@ -537,7 +537,8 @@ struct BwdKernelV5Impl {
     int const total = group * count;
     int64_t const tile_stride = int64_t(p.s.heads_q) * kTileFloats;
     bool const reduce = p.dq_mode == DqMode::kReduce;
-    float* head_base = p.dq_accum + dq_tile_offset(p.s, b, seq.start_q, 0, hk * group);
+    float* head_base =
+        p.dq_accum + dq_tile_offset(p.s, b, seq.start_q, 0, hk * group, kBlockM, kDqk);
     int m = m_lo + n_block % count;
     int i = 0;
     uint32_t const stage0 = static_cast<uint32_t>(__cvta_generic_to_shared(ss.dq_stage.data()));
@@ -568,14 +569,6 @@ struct BwdKernelV5Impl {
       }
     }
     bulk_wait_all();
-  }
-
-  // v7: float offset of the tile of query tile m of (sequence b, head h) in the accumulator
-  // (layout: params.h dq_first_tile).
-  static __host__ __device__ __forceinline__ int64_t dq_tile_offset(AttnShape const& s, int b,
-                                                                    int start_q, int m, int h) {
-    int64_t const t = dq_first_tile(s.cu_q != nullptr, b, start_q, s.seqlen_q, kBlockM) + m;
-    return (t * s.heads_q + h) * kTileFloats;
   }
 
   // v7: the (row, column) of the kBlockM × kDqk tile that fragment element e of thread t of
@@ -907,7 +900,8 @@ __global__ void __launch_bounds__(DqTileArgs::kThreads) dq_postprocess_tiles(DqT
   if (row0 >= seq.len_q) return;
   int const w = threadIdx.x / 128;
   int const t = threadIdx.x % 128;
-  float const* tile = a.accum + Kernel::dq_tile_offset(a.s, b, seq.start_q, m, h);
+  float const* tile =
+      a.accum + dq_tile_offset(a.s, b, seq.start_q, m, h, Kernel::kBlockM, Kernel::kDqk);
   Element* out = static_cast<Element*>(a.dq) + int64_t(seq.tma_batch) * a.batch_stride +
                  int64_t(seq.start_q) * a.seq_stride + int64_t(h) * a.head_stride;
   float const scale = a.s.scale;
