@@ -11,18 +11,19 @@ listed under "skipped"):
                 (longflash.testing: same checks and bf16/fp16 tolerances as the conformance
                 suite): causal and not, Nq != Nk, lengths not multiples of the tile, GQA,
                 hd 64/128/256, fp16
-  timing        hd128 bf16, N = 4K and 16K (batch*N = 16K, 16 heads), causal and not: Mosaic
-                forward, Triton-lowered forward, jax.nn.dot_product_attention(cudnn) and JAX's
-                Pallas mha, in one process; Mosaic vs Triton outputs cross-checked
+  timing        bf16, hd128 (or --dims), N = 4K and 16K (batch*N = 16K, H = 2048/D), causal
+                and not: Mosaic forward, Triton-lowered forward,
+                jax.nn.dot_product_attention(cudnn) and JAX's Pallas mha, in one process;
+                Mosaic vs Triton outputs cross-checked
   variants      other Mosaic forward tiles at 16K
   bwd-checks    the Mosaic backward (dq, dk, dv) against the float64 oracle with the shared
                 suite's checks and tolerances (zero rows, unseen keys, NaN, bf16/fp16 bounds):
                 causal and not, ragged N, Nq != Nk both ways, GQA/MQA, hd 64/128, fp16; the
                 smallest case first, so that a hang shows which kernel hangs
-  bwd-timing    hd128 bf16 4K and 16K, causal and not, in one process: Mosaic backward,
-                Triton-lowered backward, jax cuDNN, JAX's Pallas mha and XLA backward (each
-                given the forward's residuals); at 4K both of ours also against the float32
-                blockwise reference of pallas_tune, within the bf16 tolerances
+  bwd-timing    bf16, hd128 (or --dims), 4K and 16K, causal and not, in one process: Mosaic
+                backward, Triton-lowered backward, jax cuDNN, JAX's Pallas mha and XLA
+                backward (each given the forward's residuals); at 4K both of ours also against
+                the float32 blockwise reference of pallas_tune, within the bf16 tolerances
   bwd-variants  other Mosaic backward tiles at 16K
 TFLOP/s count 4*B*H*N^2*D for the forward, 2.5x that for the backward (half when causal).
 Times: pallas_tune.bench (medians of batches of back-to-back calls after a compiling warm-up).
@@ -120,13 +121,18 @@ def forward_fn(call: Any, lowering: str) -> Any:
     return jax.jit(lambda q, k, v: kernels.forward(call, q, k, v, lowering=lowering))
 
 
-def check_phase(budget: Budget, res: dict[str, Any]) -> None:
+def selected(table: dict[str, Any], cases: tuple[str, ...]) -> dict[str, Any]:
+    """The entries of a check table whose names contain one of ``cases`` (all when empty)."""
+    return {n: c for n, c in table.items() if not cases or any(s in n for s in cases)}
+
+
+def check_phase(budget: Budget, res: dict[str, Any], cases: tuple[str, ...] = ()) -> None:
     import numpy as np
     from longflash.frontends import jax as fe
     from longflash.testing.oracle import attention_oracle
     from longflash.testing.tolerances import compare, errors
 
-    for name, (b, nq, nk, hq, hk, d, causal, dtype) in CHECKS.items():
+    for name, (b, nq, nk, hq, hk, d, causal, dtype) in selected(CHECKS, cases).items():
         if budget.until(0.35) < 0:
             res["skipped"].append(f"check {name}")
             continue
@@ -267,7 +273,9 @@ def fused_backward_fn(call: Any) -> Any:
     return jax.jit(functools.partial(mosaic_bwd.backward, p, tiles))
 
 
-def bwd_check_phase(budget: Budget, res: dict[str, Any], fused: bool = False) -> None:
+def bwd_check_phase(
+    budget: Budget, res: dict[str, Any], fused: bool = False, cases: tuple[str, ...] = ()
+) -> None:
     import jax
     import numpy as np
     from longflash.frontends import jax as fe
@@ -275,7 +283,7 @@ def bwd_check_phase(budget: Budget, res: dict[str, Any], fused: bool = False) ->
     from longflash.testing.tolerances import compare, errors
 
     variant = "fused" if fused else "two-kernel"
-    for name, (b, nq, nk, hq, hk, d, causal, dtype) in BWD_CHECKS.items():
+    for name, (b, nq, nk, hq, hk, d, causal, dtype) in selected(BWD_CHECKS, cases).items():
         if budget.until(0.9) < 0:
             res["skipped"].append(f"bwd-check {variant} {name}")
             continue
@@ -470,9 +478,7 @@ def table(res: dict[str, Any]) -> str:
             + (" EXCEPTION" if "exception" in c else "")
         )
     if res["timing"]:
-        head = (
-            f"  {'hd128 bf16 fwd':16s} {'mosaic':>8s} {'triton':>8s} {'cudnn':>8s} {'pl.mha':>8s}"
-        )
+        head = f"  {'bf16 fwd':16s} {'mosaic':>8s} {'triton':>8s} {'cudnn':>8s} {'pl.mha':>8s}"
         lines += ["", head + "  mosaic/triton  winner   (TFLOP/s)"]
     for r in res["timing"]:
         tf = {
@@ -505,7 +511,7 @@ def table(res: dict[str, Any]) -> str:
         labels = ("mosaic", "triton", "cudnn", "pl.mha", "xla")
         lines += [
             "",
-            f"  {'hd128 bf16 bwd':16s}"
+            f"  {'bf16 bwd':16s}"
             + "".join(f" {x:>8s}" for x in labels)
             + "  x triton    x mha    x xla  x cudnn  fp32-ref ok  (TFLOP/s)",
         ]
@@ -547,7 +553,16 @@ def main() -> int:
     ap.add_argument(
         "--dims", default="128", help="head dims of the timing phases (H = 2048 / D), e.g. 64,128"
     )
+    ap.add_argument(
+        "--cases",
+        default="",
+        help="comma list: the check phases run only the cases whose names contain one, e.g. hd64",
+    )
     args = ap.parse_args()
+    cases = tuple(filter(None, args.cases.split(",")))
+    names = list(dict.fromkeys([*CHECKS, *BWD_CHECKS]))
+    if cases and not any(s in n for s in cases for n in names):
+        ap.error(f"--cases {args.cases}: no check is named so; the checks: {', '.join(names)}")
     budget = Budget(args.budget_s)
     import jax
     from longflash_jax import mosaic_route
@@ -579,17 +594,17 @@ def main() -> int:
         f"{res['mosaic_runtime_reason'] or 'Mosaic GPU usable'}",
     )
     if "checks" not in skip:
-        check_phase(budget, res)
+        check_phase(budget, res, cases)
     if "timing" not in skip:
         time_phase(budget, res, args.reps, dims)
     if "variants" not in skip:
         variant_phase(budget, res, args.reps)
     if "bwd-checks" not in skip:
-        bwd_check_phase(budget, res)
+        bwd_check_phase(budget, res, cases=cases)
     if "bwd-timing" not in skip:
         bwd_time_phase(budget, res, args.reps, dims)
     if "bwd-checks-fused" not in skip:
-        bwd_check_phase(budget, res, fused=True)
+        bwd_check_phase(budget, res, fused=True, cases=cases)
     if "bwd-variants" not in skip:
         bwd_variant_phase(budget, res, args.reps, fused=not args.no_fused)
     os.makedirs(args.out, exist_ok=True)

@@ -102,7 +102,7 @@ def test_auto_follows_the_measured_table(monkeypatch, hopper, measured):
     monkeypatch.setenv(ENV, "auto")
     assert mosaic_route.choose(problem_of(_call(causal=True)))[0] == "mosaic"
     lowering, why = mosaic_route.choose(problem_of(_call(causal=False)))
-    assert lowering == "triton" and "Triton measured faster" in why
+    assert lowering == "triton" and "keeps hd128-full on Triton" in why
     # Ineligible calls stay on Triton whatever the table says.
     lowering, why = mosaic_route.choose(problem_of(_call(causal=True, softcap=5.0)))
     assert lowering == "triton" and "softcap" in why
@@ -207,14 +207,14 @@ def test_cpu_never_imports_the_mosaic_module():
 
 
 def test_shipped_table_picks_what_the_h200_measured(monkeypatch, hopper):
-    """tiles.json as shipped: hd128 (causal and full) measured faster on Mosaic; hd64 and
-    hd256 were not timed and stay on Triton."""
+    """tiles.json as shipped: the hd128 and hd64 forwards (causal and full) measured faster on
+    Mosaic; hd256 was not timed and stays on Triton."""
     monkeypatch.delenv(ENV, raising=False)
-    for causal in (True, False):
-        assert mosaic_route.choose(problem_of(_call(causal=causal)))[0] == "mosaic"
-    for d in (64, 256):
-        lowering, why = mosaic_route.choose(problem_of(_call(D=d)))
-        assert lowering == "triton" and "no Mosaic measurement" in why
+    for d in (64, 128):
+        for causal in (True, False):
+            assert mosaic_route.choose(problem_of(_call(D=d, causal=causal)))[0] == "mosaic"
+    lowering, why = mosaic_route.choose(problem_of(_call(D=256)))
+    assert lowering == "triton" and "no Mosaic measurement" in why
 
 
 # -- the backward ------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def test_backward_auto_follows_its_own_entries(monkeypatch, hopper):
     lowering, why = mosaic_route.choose_backward(problem_of(_call(causal=True)))
     assert lowering == "mosaic" and "bwd-hd128-causal" in why
     lowering, why = mosaic_route.choose_backward(problem_of(_call(causal=False)))
-    assert lowering == "triton" and "Triton measured faster for bwd-hd128-full" in why
+    assert lowering == "triton" and "keeps bwd-hd128-full on Triton" in why
     # The forward keys are separate: hd128-causal has no forward entry here.
     assert mosaic_route.choose(problem_of(_call(causal=True)))[0] == "triton"
     lowering, why = mosaic_route.choose_backward(problem_of(_call(causal=True, softcap=2.0)))
@@ -294,15 +294,17 @@ def test_backward_needs_hopper(monkeypatch):
 
 def test_shipped_table_picks_the_measured_backward(monkeypatch, hopper):
     """The H200 measured the Mosaic backward faster than Triton's at hd128 (causal and full):
-    auto picks it there; hd64 was never timed and stays on Triton."""
+    auto picks it there. At hd64 neither won at both lengths, so the table keeps Triton."""
     monkeypatch.delenv(ENV, raising=False)
-    bwd_keys = {k for k in mosaic_route.table()["lowering"] if k.startswith("bwd-")}
-    assert bwd_keys == {"bwd-hd128-full", "bwd-hd128-causal"}
+    bwd = {k: v for k, v in mosaic_route.table()["lowering"].items() if k.startswith("bwd-")}
+    assert set(bwd) == {"bwd-hd128-full", "bwd-hd128-causal", "bwd-hd64-full", "bwd-hd64-causal"}
     for causal in (True, False):
         lowering, why = mosaic_route.choose_backward(problem_of(_call(D=128, causal=causal)))
         assert lowering == "mosaic" and "measured faster for bwd-hd128-" in why
         lowering, why = mosaic_route.choose_backward(problem_of(_call(D=64, causal=causal)))
-        assert lowering == "triton" and "no Mosaic measurement for bwd-hd64-" in why
+        assert lowering == "triton" and "keeps bwd-hd64-" in why
+    # The hd64 forward runs on Mosaic while its backward stays on Triton.
+    assert mosaic_route.choose(problem_of(_call(D=64, causal=False)))[0] == "mosaic"
 
 
 def test_shipped_backward_tiles_cover_64_and_128():

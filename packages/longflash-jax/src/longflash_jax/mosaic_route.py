@@ -167,7 +167,7 @@ def _choose(p: Problem, direction: str, reasons: list[str]) -> tuple[str, str]:
         if winner is None:
             return "triton", f"auto: no Mosaic measurement for {cls}"
         if winner == "triton":
-            return "triton", f"auto: Triton measured faster for {cls} (tiles.json)"
+            return "triton", f"auto: tiles.json keeps {cls} on Triton (measured no slower)"
     why = runtime_reason()
     if why:
         return "triton", "Mosaic GPU unavailable: " + why
