@@ -27,6 +27,15 @@ from longflash_cuda import _lib, _torch, backend
 
 DEVICE = "cuda"
 TOL_FWD = {"bfloat16": 2e-2, "float16": 5e-3}
+# LONGFLASH_CUDA_FWD variants and the head dims (Dqk = Dv) they exist at (cuda/src/sm90/fwd.cuh).
+FWD_VARIANT_DIMS = {
+    "v3": (64,),
+    "v3-no-pingpong": (64,),
+    "v3-emu": (64,),
+    "stages3": (64, 128),
+    "stages4": (64,),
+    "unpaired": (64, 128),
+}
 TOL_BWD = {"bfloat16": 3e-2, "float16": 1e-2}
 
 
@@ -597,8 +606,9 @@ def main() -> int:
     ap.add_argument(
         "--fwd-variants",
         default=None,
-        help="comma list of LONGFLASH_CUDA_FWD values (default,v3,v3-no-pingpong,v3-emu), run "
-        "after any --bwd-variants, names suffixed [fwd=variant]; v3 variants: hd64 cases only",
+        help="comma list of LONGFLASH_CUDA_FWD values (default,v3,v3-no-pingpong,v3-emu,stages3,"
+        "stages4), run after any --bwd-variants, names suffixed [fwd=variant]; each variant runs "
+        "the cases of the head dims it exists at (FWD_VARIANT_DIMS)",
     )
     args = ap.parse_args()
     lib, why = _lib.load()
@@ -646,17 +656,20 @@ def main() -> int:
                         os.environ["LONGFLASH_CUDA_FWD"] = var[4:]
                 else:
                     os.environ["LONGFLASH_CUDA_BWD"] = var
-            fwd_v3 = var in ("fwd=v3", "fwd=v3-no-pingpong", "fwd=v3-emu")
+            fwd_variant = var is not None and var.startswith("fwd=") and var != "fwd=default"
+            # Head dims a forward variant exists at; elsewhere the library runs the default.
+            dims = FWD_VARIANT_DIMS.get(var[4:], ()) if fwd_variant else None
             for c in cases(args.quick, compiled):
                 if args.only and args.only not in c["name"]:
                     continue
-                if fwd_v3 and c.get("D") != 64:
-                    continue  # v3 is an hd64 kernel; elsewhere the library runs the default
+                d = c.get("D", 128)  # run_case's default
+                if dims is not None and (d not in dims or c.get("Dv") not in (None, d)):
+                    continue
                 if args.phase == "fwd":
                     c = dict(c, check_bwd=False)
                     # These run forward and backward together in the bwd phase; a forward
                     # variant keeps varlen here (checked with the default backward on its output).
-                    if (c.get("varlen") and not fwd_v3) or c.get("deterministic"):
+                    if (c.get("varlen") and not fwd_variant) or c.get("deterministic"):
                         continue
                 if var is not None:
                     c = dict(c, name=f"{c['name']} [{var}]")
