@@ -32,9 +32,6 @@ FWD_VARIANT_DIMS = {
     "v3": (64,),
     "v3-no-pingpong": (64,),
     "v3-emu": (64,),
-    "stages3": (64, 128),
-    "stages4": (64,),
-    "unpaired": (64, 128),
 }
 TOL_BWD = {"bfloat16": 3e-2, "float16": 1e-2}
 
@@ -606,8 +603,8 @@ def main() -> int:
     ap.add_argument(
         "--fwd-variants",
         default=None,
-        help="comma list of LONGFLASH_CUDA_FWD values (default,v3,v3-no-pingpong,v3-emu,stages3,"
-        "stages4), run after any --bwd-variants, names suffixed [fwd=variant]; each variant runs "
+        help="comma list of LONGFLASH_CUDA_FWD values (default,v3,v3-no-pingpong,v3-emu), "
+        "run after any --bwd-variants, names suffixed [fwd=variant]; each variant runs "
         "the cases of the head dims it exists at (FWD_VARIANT_DIMS)",
     )
     args = ap.parse_args()

@@ -6,8 +6,7 @@ The variant is read by the library on every call, so one process times them all 
 inputs. `v3` (192-query CTAs, three consumer warpgroups, ping-pong GEMM issue), `v3-no-pingpong`
 and `v3-emu` (v3 with 3/16 of the exponentials on the FMA pipe) exist at hd64 only; at other
 head dims the library runs the default for them, so their rows there measure nothing but
-run-to-run noise (a check that hd128 is unaffected). `stages3` and `stages4` are the default
-kernel with a 3- or 4-stage K/V ring instead of 2 (hd64 both, hd128 stages3 only).
+run-to-run noise (a check that hd128 is unaffected).
 Each variant's out and lse are compared with the first variant's, and out with SDPA flash's.
 Timings are medians over --rounds passes, each of which times every variant and peer in turn,
 so clock and temperature drift during the run does not favour whichever runs first.

@@ -41,8 +41,7 @@ struct FwdArgs {
   // kFwdDefault: 128-query CTAs, two consumer warpgroups (every head dim). kFwdV3 (hd64 only,
   // else the default): 192-query CTAs, three consumer warpgroups with ping-pong GEMM issue;
   // kFwdV3NoPingPong: the same without the turn-taking; kFwdV3ExpEmu: v3 with 3/16 of the softmax
-  // exponentials on the FMA pipe (both for A/B timing). kFwdStages3 / kFwdStages4 (hd64 and
-  // hd128; hd128 takes 3 at most): the default kernel with a 3- or 4-stage K/V ring (A/B).
+  // exponentials on the FMA pipe (both for A/B timing).
   int fwd_version;
   // kFwdGridPerTile: one CTA per tile. kFwdGridStatic: one CTA per SM walking the tiles in a
   // static order (fwd.cuh FwdTiles). kFwdGridDynamic: the same CTAs claiming tiles from
@@ -62,9 +61,6 @@ constexpr int kFwdDefault = 2;
 constexpr int kFwdV3 = 3;
 constexpr int kFwdV3NoPingPong = -3;
 constexpr int kFwdV3ExpEmu = 4;
-constexpr int kFwdStages3 = 5;
-constexpr int kFwdStages4 = 6;
-constexpr int kFwdUnpaired = 7;
 // The forward's grid when LONGFLASH_CUDA_FWD names none: persistent (one CTA per SM, static
 // schedule) for calls whose tiles all cost the same and for causal calls of at most 32 query
 // blocks per sequence (api.cpp fwd_grid), else one CTA per tile.

@@ -81,8 +81,7 @@ struct FwdTiles {
 // MUFU pipe's time per tile drops below the tensor cores' (v3-emu, an A/B variant).
 // kDynamic_: tiles come from the dynamic schedule (Params::tile_counter) instead of the static one.
 template <typename Element_, int kDqk_, int kDv_, int kConsumerWGs_ = 2, int kStages_ = 2,
-          bool kPingPong_ = false, bool kExpEmu_ = false, bool kDynamic_ = false,
-          bool kPairCvt_ = true>
+          bool kPingPong_ = false, bool kExpEmu_ = false, bool kDynamic_ = false>
 struct FwdKernelBase {
   using Element = Element_;
   static constexpr int kDqk = kDqk_;
@@ -97,7 +96,6 @@ struct FwdKernelBase {
   static constexpr bool kPingPong = kPingPong_;
   static constexpr bool kExpEmu = kExpEmu_;
   static constexpr bool kDynamic = kDynamic_;
-  static constexpr bool kPairCvt = kPairCvt_;
   static constexpr int kThreads = 128 * (kConsumerWGs + 1);
   static constexpr int kConsumerThreads = 128 * kConsumerWGs;
   // setmaxnreg split: 128x24 + 256x240 or 128x24 + 384x160, all of the CTA's 168 or 128 registers
@@ -312,18 +310,6 @@ struct FwdKernelBase {
     return idx;
   }
 
-  // P = the softmax numerators in the input type, the A operand of P·V. kPairCvt_ false: element by
-  // element, as before session 9 (A/B only).
-  template <class TS, class TP>
-  static __device__ __forceinline__ void to_p(TS const& tSrS, TP& rP) {
-    if constexpr (kPairCvt) {
-      convert_pairs(tSrS, rP);
-    } else {
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<Element>(tSrS(i));
-    }
-  }
-
   // Ring positions and the Q phase of the consumers, carried from tile to tile.
   struct ConsumerState {
     RingState<kStages> st_k, st_v;
@@ -376,7 +362,7 @@ struct FwdKernelBase {
     if (n_lo == n_hi) Barrier::arrive(&ss.q_empty);
     st_k.advance();
     softmax_step(n_hi, corr);
-    to_p(tSrS, rP);
+    convert_pairs(tSrS, rP);  // P, the A operand of P·V
 
     for (int n = n_hi - 1; n >= n_lo; --n) {
       if constexpr (kPingPong) {
@@ -409,7 +395,7 @@ struct FwdKernelBase {
         CUTLASS_PRAGMA_UNROLL
         for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= corr[r];
       }
-      to_p(tSrS, rP);
+      convert_pairs(tSrS, rP);  // P, the A operand of P·V
     }
     Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
     take_turn();
@@ -586,16 +572,6 @@ struct FwdKernel : FwdKernelBase<Element, kDqk, kDv> {};
 // kExpEmu: the same with part of the exponentials on the FMA pipe (exp2_fma).
 template <typename Element, int kDqk, int kDv, bool kPingPong, bool kExpEmu = false>
 struct FwdKernelV3 : FwdKernelBase<Element, kDqk, kDv, 3, 4, kPingPong, kExpEmu> {};
-
-// LONGFLASH_CUDA_FWD=stages3|stages4 (A/B): the default kernel with a deeper K/V ring, so that the
-// producer runs further ahead of the consumers (at hd64 a 128-key tile is about half a
-// microsecond of tensor-core work, the order of a TMA load's latency).
-template <typename Element, int kDqk, int kDv, int kStages>
-struct FwdKernelStages : FwdKernelBase<Element, kDqk, kDv, 2, kStages> {};
-
-// LONGFLASH_CUDA_FWD=unpaired (A/B): the default kernel with P converted element by element.
-template <typename Element, int kDqk, int kDv>
-struct FwdKernelUnpaired : FwdKernelBase<Element, kDqk, kDv, 2, 2, false, false, false, false> {};
 
 // The default kernel on the dynamic schedule (LONGFLASH_CUDA_FWD=+dynamic): persistent and
 // balanced under causal masks, at the cost of one global atomic per tile.

@@ -1,6 +1,6 @@
 // Host side of the sm90 forward: builds the TMA descriptors and launches one CTA per tile or a
-// persistent grid of one CTA per SM (FwdArgs::fwd_grid), with the hd64 v3 kernels or the
-// deeper-ring A/B variants when FwdArgs::fwd_version asks for them.
+// persistent grid of one CTA per SM (FwdArgs::fwd_grid), with the hd64 v3 kernels when
+// FwdArgs::fwd_version asks for them.
 // Included only by the generated instantiation units. Target: sm_90a.
 #pragma once
 
@@ -80,19 +80,6 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
   }
   if (a.fwd_grid == kFwdGridDynamic) {
     return launch_fwd_kernel<FwdKernelDynamic<Element, kDqk, kDv>>(a, stream);
-  }
-  if constexpr (kDqk == kDv && (kDqk == 64 || kDqk == 128)) {
-    if (a.fwd_version == kFwdUnpaired) {
-      return launch_fwd_kernel<FwdKernelUnpaired<Element, kDqk, kDv>>(a, stream);
-    }
-    if (a.fwd_version == kFwdStages3) {
-      return launch_fwd_kernel<FwdKernelStages<Element, kDqk, kDv, 3>>(a, stream);
-    }
-    if constexpr (kDqk == 64) {
-      if (a.fwd_version == kFwdStages4) {
-        return launch_fwd_kernel<FwdKernelStages<Element, kDqk, kDv, 4>>(a, stream);
-      }
-    }
   }
   return launch_fwd_kernel<FwdKernel<Element, kDqk, kDv>>(a, stream);
 }
