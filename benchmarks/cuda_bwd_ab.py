@@ -13,7 +13,8 @@ v5 and v7 exist at hd64 and hd128, v6 and v8 at hd256 (elsewhere the library run
 so each head dim times the first variant and the variants that exist there. Each variant's
 dQ/dK/dV are compared with the first variant's (v2 by default: an independent kernel).
 "default" times whatever LONGFLASH_CUDA_BWD unset selects. Timings are medians over --rounds
-passes, each of which times every variant and peer in turn (drift falls on all alike).
+passes, each of which times every variant and peer in turn, starting one further along each
+pass (drift and position fall on all alike).
 
     LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so \
     PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src \

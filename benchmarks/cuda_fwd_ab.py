@@ -9,7 +9,8 @@ head dims the library runs the default for them, so their rows there measure not
 run-to-run noise (a check that hd128 is unaffected).
 Each variant's out and lse are compared with the first variant's, and out with SDPA flash's.
 Timings are medians over --rounds passes, each of which times every variant and peer in turn,
-so clock and temperature drift during the run does not favour whichever runs first.
+starting one further along each pass, so that neither drift during the run nor the position in
+a pass favours one of them.
 
     LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so \
     PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src \

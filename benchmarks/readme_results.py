@@ -75,15 +75,23 @@ def gpu_bench_docs(framework: str = "torch") -> list[tuple[Path, dict]]:
 
 
 def merged_measurements(docs: Iterable[tuple[Path, dict]]) -> dict[tuple[str, str], dict]:
-    """(case key, contender) -> measurement, joined with its case and source file."""
+    """(case key, contender) -> the latest measurement, joined with its case and source file,
+    and with `same_run`: every contender's measurement of that case in the same run (ratios are
+    taken only between those)."""
     merged: dict[tuple[str, str], dict] = {}
     for path, doc in docs:
         cases = {c["key"]: c for c in doc["cases"]}
-        for m in doc["measurements"]:
-            if m.get("status") != "ok" or not m.get("ms"):
-                continue
+        ok = [m for m in doc["measurements"] if m.get("status") == "ok" and m.get("ms")]
+        runs: dict[str, dict[str, dict]] = {}
+        for m in ok:
+            runs.setdefault(m["case"], {})[m["contender"]] = m
+        for m in ok:
             merged[(m["case"], m["contender"])] = dict(
-                m, case_info=cases[m["case"]], source=path.name, gpu=doc["machine"]["gpu"]
+                m,
+                case_info=cases[m["case"]],
+                source=path.name,
+                gpu=doc["machine"]["gpu"],
+                same_run=runs[m["case"]],
             )
     return merged
 
@@ -92,11 +100,11 @@ def _cell(ms: dict[str, dict], name: str, peers: Iterable[str]) -> str:
     m = ms.get(name)
     if m is None:
         return "–"
-    # A ratio only against a peer timed in the same run (merged keeps each contender's latest).
+    # A ratio only against a peer timed in the same run as this measurement.
     ratios = [
         f"{m_p['ms'] / m['ms']:.2f}× {PEER_NAMES[p]}"
         for p in peers
-        if (m_p := ms.get(p)) and m_p["source"] == m["source"]
+        if (m_p := m["same_run"].get(p))
     ]
     return f"{m['tflops']:.0f}" + (f" ({', '.join(ratios)})" if ratios else "")
 
@@ -161,9 +169,9 @@ def best_speedups(merged: dict[tuple[str, str], dict]) -> list[str]:
         parts = []
         for peer in ("sdpa-flash", "naive"):
             pairs = [
-                (ms[peer]["ms"] / ms[name]["ms"], ms[name]["case_info"])
+                (m_p["ms"] / ms[name]["ms"], ms[name]["case_info"])
                 for ms in by_case.values()
-                if name in ms and peer in ms and ms[peer]["source"] == ms[name]["source"]
+                if name in ms and (m_p := ms[name]["same_run"].get(peer))
             ]
             if not pairs:
                 continue

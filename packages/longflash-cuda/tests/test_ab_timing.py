@@ -23,7 +23,7 @@ def _cuda_check():
 def test_interleaved_takes_each_cases_median_over_rounds_in_turn(monkeypatch):
     cuda_check = _cuda_check()
     seen = []
-    times = {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 9.0, 4.0])}
+    times = {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 9.0, 4.0])}  # per case, in its order
 
     def fake_bench(fn):
         name = fn()
@@ -37,5 +37,6 @@ def test_interleaved_takes_each_cases_median_over_rounds_in_turn(monkeypatch):
         "b": (cuda_check.env_setter("LF_TEST_VARIANT", "default"), lambda: "b"),
     }
     assert cuda_check.interleaved(cases, rounds=3) == {"a": 2.0, "b": 5.0}
-    # Round by round, each case after its own setup: "default" unsets the variable.
-    assert seen == [("a", "x"), ("b", None)] * 3
+    # Round by round, each case after its own setup ("default" unsets the variable), the
+    # starting case rotating so that no case always runs first.
+    assert seen == [("a", "x"), ("b", None), ("b", None), ("a", "x"), ("a", "x"), ("b", None)]
