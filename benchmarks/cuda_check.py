@@ -32,6 +32,7 @@ FWD_VARIANT_DIMS = {
     "v3": (64,),
     "v3-no-pingpong": (64,),
     "v3-emu": (64,),
+    "pingpong": (64,),
 }
 TOL_BWD = {"bfloat16": 3e-2, "float16": 1e-2}
 
@@ -609,7 +610,7 @@ def main() -> int:
     ap.add_argument(
         "--fwd-variants",
         default=None,
-        help="comma list of LONGFLASH_CUDA_FWD values (default,v3,v3-no-pingpong,v3-emu), "
+        help="comma list of LONGFLASH_CUDA_FWD values (default,v3,v3-no-pingpong,v3-emu,pingpong), "
         "run after any --bwd-variants, names suffixed [fwd=variant]; each variant runs "
         "the cases of the head dims it exists at (FWD_VARIANT_DIMS)",
     )

@@ -4,7 +4,8 @@ to SDPA flash (FA2) and cuDNN, bf16, causal and not, at the `longflash bench` gr
 
 The variant is read by the library on every call, so one process times them all on the same
 inputs. `v3` (192-query CTAs, three consumer warpgroups, ping-pong GEMM issue), `v3-no-pingpong`
-and `v3-emu` (v3 with 3/16 of the exponentials on the FMA pipe) exist at hd64 only; at other
+and `v3-emu` (v3 with 3/16 of the exponentials on the FMA pipe), and `pingpong` (the default
+128-query CTA with its two warpgroups taking turns at GEMM issue) exist at hd64 only; at other
 head dims the library runs the default for them, so their rows there measure nothing but
 run-to-run noise (a check that hd128 is unaffected).
 Each variant's out and lse are compared with the first variant's, and out with SDPA flash's.

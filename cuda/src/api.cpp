@@ -295,8 +295,8 @@ int bwd_version() {
 }
 
 // Forward variant from LONGFLASH_CUDA_FWD = <kernel>[+<grid>]: <kernel> is "v3", or
-// "v3-no-pingpong" / "v3-emu" for A/B timing, or "default"; unset or unknown: the default. v3
-// exists at hd64 only; other head dims run the default whatever this says. The "+<grid>" suffix is
+// "v3-no-pingpong" / "v3-emu" / "pingpong" for A/B timing, or "default"; unset or unknown: the
+// default. v3 and pingpong exist at hd64 only; other head dims run the default whatever this says. The "+<grid>" suffix is
 // fwd_grid's. Read on every call like LONGFLASH_CUDA_BWD.
 int fwd_version() {
   char const* e = std::getenv("LONGFLASH_CUDA_FWD");
@@ -305,6 +305,7 @@ int fwd_version() {
   if (v == "v3" || v == "3") return kFwdV3;
   if (v == "v3-no-pingpong") return kFwdV3NoPingPong;
   if (v == "v3-emu") return kFwdV3ExpEmu;
+  if (v == "pingpong") return kFwdPingPong2;
   return kFwdDefault;
 }
 

@@ -41,7 +41,8 @@ struct FwdArgs {
   // kFwdDefault: 128-query CTAs, two consumer warpgroups (every head dim). kFwdV3 (hd64 only,
   // else the default): 192-query CTAs, three consumer warpgroups with ping-pong GEMM issue;
   // kFwdV3NoPingPong: the same without the turn-taking; kFwdV3ExpEmu: v3 with 3/16 of the softmax
-  // exponentials on the FMA pipe (both for A/B timing).
+  // exponentials on the FMA pipe (both for A/B timing). kFwdPingPong2 (hd64 only, A/B): the
+  // default 128-query CTA with its two consumer warpgroups taking turns at GEMM issue.
   int fwd_version;
   // kFwdGridPerTile: one CTA per tile. kFwdGridStatic: one CTA per SM walking the tiles in a
   // static order (fwd.cuh FwdTiles). kFwdGridDynamic: the same CTAs claiming tiles from
@@ -61,6 +62,7 @@ constexpr int kFwdDefault = 2;
 constexpr int kFwdV3 = 3;
 constexpr int kFwdV3NoPingPong = -3;
 constexpr int kFwdV3ExpEmu = 4;
+constexpr int kFwdPingPong2 = 5;
 // The forward's grid when LONGFLASH_CUDA_FWD names none: persistent (one CTA per SM, static
 // schedule) for calls whose tiles all cost the same and for causal calls of at most 32 query
 // blocks per sequence (api.cpp fwd_grid), else one CTA per tile.

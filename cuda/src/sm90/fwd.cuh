@@ -573,6 +573,13 @@ struct FwdKernel : FwdKernelBase<Element, kDqk, kDv> {};
 template <typename Element, int kDqk, int kDv, bool kPingPong, bool kExpEmu = false>
 struct FwdKernelV3 : FwdKernelBase<Element, kDqk, kDv, 3, 4, kPingPong, kExpEmu> {};
 
+// LONGFLASH_CUDA_FWD=pingpong at hd64 (A/B): the default CTA with its two consumer warpgroups
+// taking turns at GEMM issue. At hd64 the exp unit is as busy as the tensor cores, and ncu (session
+// 9) has the tensor pipe busy 48% of the time: the two warpgroups' softmaxes overlap about half
+// the time. Taking turns is meant to put each warpgroup's softmax under the other's GEMMs.
+template <typename Element, int kDqk, int kDv>
+struct FwdKernelPingPong : FwdKernelBase<Element, kDqk, kDv, 2, 2, true> {};
+
 // The default kernel on the dynamic schedule (LONGFLASH_CUDA_FWD=+dynamic): persistent and
 // balanced under causal masks, at the cost of one global atomic per tile.
 template <typename Element, int kDqk, int kDv>

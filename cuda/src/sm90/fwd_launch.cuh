@@ -1,6 +1,6 @@
 // Host side of the sm90 forward: builds the TMA descriptors and launches one CTA per tile or a
-// persistent grid of one CTA per SM (FwdArgs::fwd_grid), with the hd64 v3 kernels when
-// FwdArgs::fwd_version asks for them.
+// persistent grid of one CTA per SM (FwdArgs::fwd_grid), with the hd64 v3 and ping-pong kernels
+// when FwdArgs::fwd_version asks for them.
 // Included only by the generated instantiation units. Target: sm_90a.
 #pragma once
 
@@ -76,6 +76,9 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
     }
     if (a.fwd_version == kFwdV3NoPingPong) {
       return launch_fwd_kernel<FwdKernelV3<Element, kDqk, kDv, false>>(a, stream);
+    }
+    if (a.fwd_version == kFwdPingPong2) {
+      return launch_fwd_kernel<FwdKernelPingPong<Element, kDqk, kDv>>(a, stream);
     }
   }
   if (a.fwd_grid == kFwdGridDynamic) {

@@ -302,7 +302,7 @@ def _fwd_ref64(q, k, v, scale, window, softcap):
     return torch.einsum("bhqk,bkhd->bqhd", p, vd.repeat_interleave(g, 2)), lse
 
 
-@pytest.mark.parametrize("variant", ["v3", "v3-no-pingpong", "v3-emu"])
+@pytest.mark.parametrize("variant", ["v3", "v3-no-pingpong", "v3-emu", "pingpong"])
 @pytest.mark.parametrize(
     "dtype,b,nq,nk,hq,hk,causal,window,softcap,varlen",
     [
@@ -328,8 +328,9 @@ def _fwd_ref64(q, k, v, scale, window, softcap):
 def test_forward_v3_hd64_matches_float64(
     monkeypatch, variant, dtype, b, nq, nk, hq, hk, causal, window, softcap, varlen
 ):
-    """LONGFLASH_CUDA_FWD=v3 (hd64: 192-query CTAs, three consumer warpgroups) against float64,
-    out and lse, with NaN-poisoned memory under the outputs so an unwritten element fails."""
+    """The hd64 forward variants (LONGFLASH_CUDA_FWD=v3: 192-query CTAs, three consumer
+    warpgroups; pingpong: the default CTA with turn-taking) against float64, out and lse, with
+    NaN-poisoned memory under the outputs so an unwritten element fails."""
     from longflash_cuda import _lib, _torch
 
     dt = torch.bfloat16 if dtype == "bf16" else torch.float16
@@ -366,6 +367,7 @@ def test_forward_v3_hd64_matches_float64(
     assert (lse.double()[~empty] - ref_lse[~empty]).abs().max().item() < 1e-2
 
 
+_HD64_FWD_VARIANTS = ["default", "v3-no-pingpong", "v3", "pingpong"]
 _PERSISTENT_CASES = [
     # d, b, nq, nk, hq, hk, causal, window, varlen
     # several rounds of the persistent grid (132 CTAs on an H200): 2 x 16 x 8 = 256 tiles
@@ -386,7 +388,7 @@ _PERSISTENT_CASES = [
     [
         (fwd, *case)
         for case in _PERSISTENT_CASES
-        for fwd in (["default", "v3-no-pingpong", "v3"] if case[0] == 64 else ["default"])
+        for fwd in (_HD64_FWD_VARIANTS if case[0] == 64 else ["default"])
     ],
 )
 def test_persistent_forward_equals_one_cta_per_tile(
@@ -395,8 +397,8 @@ def test_persistent_forward_equals_one_cta_per_tile(
     """The persistent forward (one CTA per SM walking the tiles, on the static or the dynamic
     schedule) computes each tile exactly as a grid of one CTA per tile does, so out and lse must
     be bitwise equal, also with the grid capped at 5 CTAs (LONGFLASH_CUDA_FWD_CTAS); NaN-poisoned
-    memory under the outputs catches a tile that no CTA takes. (The v3 kernels have no dynamic
-    schedule and run the static one for it.)"""
+    memory under the outputs catches a tile that no CTA takes. (The v3 and pingpong kernels have
+    no dynamic schedule and run the static one for it.)"""
     from longflash_cuda import _lib, _torch
 
     if (d, d) not in _lib.compiled_head_dims(_lib.load()[0])["bfloat16"]:
