@@ -296,8 +296,8 @@ int bwd_version() {
 
 // Forward variant from LONGFLASH_CUDA_FWD = <kernel>[+<grid>]: <kernel> is "v3", or
 // "v3-no-pingpong" / "v3-emu" / "pingpong" for A/B timing, or "default"; unset or unknown: the
-// default. v3 and pingpong exist at hd64 only; other head dims run the default whatever this says. The "+<grid>" suffix is
-// fwd_grid's. Read on every call like LONGFLASH_CUDA_BWD.
+// default. v3 and pingpong exist at hd64 only; other head dims run the default whatever this
+// says. The "+<grid>" suffix is fwd_grid's. Read on every call like LONGFLASH_CUDA_BWD.
 int fwd_version() {
   char const* e = std::getenv("LONGFLASH_CUDA_FWD");
   if (e == nullptr || *e == '\0') return kFwdDefault;
