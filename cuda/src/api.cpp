@@ -264,8 +264,8 @@ size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
 // Backward variant from LONGFLASH_CUDA_BWD ("v2", "v3", "v5", "v6", "v7" or "v8"; unset:
 // kBwdDefault, which is v7 at hd64/hd128 and v8 at hd256, params.h). Read on every call (cheap
-// next to a launch) so a process can switch it for A/B timing. v5 and v7 cover hd64 and hd128 outside the
-// deterministic mode; other calls that ask for them run v2. v4 was folded into v5 (v5's chain is
+// next to a launch) so a process can switch it for A/B timing. v5 and v7 cover hd64 and hd128
+// outside the deterministic mode; other calls that ask for them run v2. v4 was folded into v5 (v5's chain is
 // v4's with the dQ reduces handed to writer warps); "v4" selects v5.
 int bwd_version() {
   // The default: v7 at hd64/hd128 (on the H200 every check, the shared suite through torch,

@@ -107,7 +107,8 @@ constexpr int kBwdTimingV5NoDqAdd = -5;
 constexpr int kBwdTimingV5NoReduce = -6;
 // LONGFLASH_CUDA_BWD unset: the default, per head dim the variant that passed every check and
 // both sanitizers on the H200 and ran fastest there (NOTES-cuda.md "v7", "v8"): v7 at hd64 and
-// hd128, v8 at hd256; v2 at hd96/hd192 and in the deterministic mode (whose semaphore order is v2's).
+// hd128, v8 at hd256; v2 at hd96/hd192 and in the deterministic mode (whose semaphore order is
+// v2's).
 constexpr int kBwdDefault = 0;
 // LONGFLASH_CUDA_BWD=v6: the hd256 backward of bwd_d256.cuh (see NOTES-cuda.md "v6").
 constexpr int kBwdV6 = 6;
