@@ -3,11 +3,12 @@ to SDPA flash (FA2) and cuDNN, bf16, causal and not, at the `longflash bench` gr
 (B = 16K / N, H = 2048 / D).
 
 The variant is read by the library on every call, so one process times them all on the same
-inputs. `v3` (192-query CTAs, three consumer warpgroups, ping-pong GEMM issue), `v3-no-pingpong`
-and `v3-emu` (v3 with 3/16 of the exponentials on the FMA pipe), and `pingpong` (the default
-128-query CTA with its two warpgroups taking turns at GEMM issue) exist at hd64 only; at other
-head dims the library runs the default for them, so their rows there measure nothing but
-run-to-run noise (a check that hd128 is unaffected).
+inputs. `default` is what the library picks by shape (api.cpp fwd_kernel); `v2` forces the
+128-query CTA with two consumer warpgroups, `v3-no-pingpong` the 192-query CTA with three (the
+hd64 default from 4K queries), `v3` the same with ping-pong GEMM issue, `v3-emu` v3 with 3/16 of
+the exponentials on the FMA pipe. The v3 kernels exist at hd64 only; at other head dims the
+library runs v2 for them, so their rows there measure nothing but run-to-run noise (a check
+that hd128 is unaffected). A `+grid` / `+persistent` suffix forces the grid too.
 Each variant's out and lse are compared with the first variant's, and out with SDPA flash's.
 Timings are medians over --rounds passes, each of which times every variant and peer in turn,
 starting one further along each pass, so that neither drift during the run nor the position in
@@ -40,7 +41,7 @@ from cuda_check import env_setter, interleaved, rel  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="cuda_fwd_ab.json")
-    ap.add_argument("--variants", default="default,v3,v3-no-pingpong,v3-emu")
+    ap.add_argument("--variants", default="default,v2,v3-no-pingpong,v3")
     ap.add_argument("--seqlens", default="1024,4096,16384")
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--tokens", type=int, default=16384, help="B·N (the bench grid's 16K)")

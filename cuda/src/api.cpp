@@ -76,7 +76,8 @@ cudaError_t dispatch_bwd(BwdArgs const& a, cudaStream_t stream) {
 
 constexpr int kMaxGridYZ = 65535;
 
-lf_status check_params(lf_attention_params const* p) {
+// require_compiled false: valid params for a head dim this build left out pass too.
+lf_status check_params(lf_attention_params const* p, bool require_compiled = true) {
   if (p == nullptr) return fail(LF_ERROR_INVALID_ARGUMENT, "params is NULL");
   if (p->struct_size != sizeof(lf_attention_params)) {
     return fail(LF_ERROR_INVALID_ARGUMENT,
@@ -111,7 +112,7 @@ lf_status check_params(lf_attention_params const* p) {
                 p->head_dim_qk, p->head_dim_v);
   }
   bool const bf16 = p->dtype == LF_BFLOAT16;
-  if (!compiled(p->head_dim_qk, p->head_dim_v, bf16)) {
+  if (require_compiled && !compiled(p->head_dim_qk, p->head_dim_v, bf16)) {
     return fail(LF_ERROR_UNSUPPORTED,
                 "no kernel for head_dim (qk %d, v %d) %s in this build (%s); rebuild with it in "
                 "LONGFLASH_HEAD_DIMS/LONGFLASH_DTYPES",
@@ -294,19 +295,34 @@ int bwd_version() {
   return kBwdDefault;
 }
 
-// Forward variant from LONGFLASH_CUDA_FWD = <kernel>[+<grid>]: <kernel> is "v3", or
-// "v3-no-pingpong" / "v3-emu" / "pingpong" for A/B timing, or "default"; unset or unknown: the
-// default. v3 and pingpong exist at hd64 only; other head dims run the default whatever this
-// says. The "+<grid>" suffix is fwd_grid's. Read on every call like LONGFLASH_CUDA_BWD.
+// Forward kernel from LONGFLASH_CUDA_FWD = <kernel>[+<grid>]: <kernel> is "v2" (128-query CTAs,
+// two consumer warpgroups), "v3-no-pingpong" (hd64: 192-query CTAs, three consumer warpgroups),
+// or, for A/B timing, "v3" / "v3-emu"; unset, "default" or unknown: kFwdAuto, which fwd_kernel
+// resolves by shape. The v3 kernels exist at hd64 only; other head dims run v2 whatever this says.
+// The "+<grid>" suffix is fwd_grid's. Read on every call like LONGFLASH_CUDA_BWD.
 int fwd_version() {
   char const* e = std::getenv("LONGFLASH_CUDA_FWD");
-  if (e == nullptr || *e == '\0') return kFwdDefault;
+  if (e == nullptr || *e == '\0') return kFwdAuto;
   std::string const v(e, std::strcspn(e, "+"));
+  if (v == "v2" || v == "2") return kFwdV2;
   if (v == "v3" || v == "3") return kFwdV3;
   if (v == "v3-no-pingpong") return kFwdV3NoPingPong;
   if (v == "v3-emu") return kFwdV3ExpEmu;
-  if (v == "pingpong") return kFwdPingPong2;
-  return kFwdDefault;
+  return kFwdAuto;
+}
+
+// The hd64 forward from this many queries per sequence (dense or causal; no window, not varlen)
+// runs 192-query CTAs with three consumer warpgroups. In session 10's rotating A/B on the H200
+// (benchmarks/NOTES-cuda.md) they ran 1.06x (4K) and 1.11x (16K) the 128-query CTA non-causal,
+// 1.07x at 16K causal and 1.00x at 4K causal, but 0.98x at 1K and 0.82x at 1K causal: a short
+// sequence leaves too few CTAs of 192 queries to fill the GPU.
+constexpr int kFwdWideMinSeqlen = 4096;
+int fwd_kernel(AttnShape const& s, int version) {
+  if (s.dqk != 64 || s.dv != 64) return kFwdV2;
+  if (version != kFwdAuto) return version;
+  bool const band = s.window_left >= 0 || s.window_right > 0;
+  bool const wide = !s.varlen() && !band && s.seqlen_q >= kFwdWideMinSeqlen;
+  return wide ? kFwdV3NoPingPong : kFwdV2;
 }
 
 // The forward's grid (params.h kFwdGrid*). The persistent grid's static schedule (fwd.cuh
@@ -433,6 +449,26 @@ lf_status lf_check_device(int device) {
 
 lf_status lf_check_params(const lf_attention_params* params) { return check_params(params); }
 
+const char* lf_forward_plan(const lf_attention_params* params) {
+  if (check_params(params, /*require_compiled=*/false) != LF_SUCCESS) return nullptr;
+  AttnShape const s = make_shape(*params);
+  thread_local std::string plan;
+  int const kernel = fwd_kernel(s, fwd_version());
+  switch (kernel) {
+    case kFwdV3: plan = "v3"; break;
+    case kFwdV3NoPingPong: plan = "v3-no-pingpong"; break;
+    case kFwdV3ExpEmu: plan = "v3-emu"; break;
+    default: plan = "v2"; break;
+  }
+  switch (fwd_grid(s)) {
+    case kFwdGridStatic: plan += "+persistent"; break;
+    // the v3 kernels have no dynamic schedule and walk the static one instead
+    case kFwdGridDynamic: plan += kernel == kFwdV2 ? "+dynamic" : "+persistent"; break;
+    default: plan += "+grid"; break;
+  }
+  return plan.c_str();
+}
+
 lf_status lf_attention_forward_workspace_size(const lf_attention_params* params, size_t* bytes) {
   lf_status st = check_params(params);
   if (st != LF_SUCCESS) return st;
@@ -468,7 +504,7 @@ lf_status lf_attention_forward(const lf_attention_params* params, lf_tensor q, l
     return fail(LF_ERROR_INVALID_ARGUMENT, "lse must be 4-byte aligned");
   }
   a.lse = lse;
-  a.fwd_version = fwd_version();
+  a.fwd_version = fwd_kernel(a.s, fwd_version());
   a.fwd_grid = fwd_grid(a.s);
   a.max_ctas = fwd_max_ctas();
   if (a.fwd_grid == kFwdGridDynamic) {

@@ -38,11 +38,11 @@ struct FwdArgs {
   AttnShape s;
   TensorRef q, k, v, o;
   float* lse;  // may be nullptr
-  // kFwdDefault: 128-query CTAs, two consumer warpgroups (every head dim). kFwdV3 (hd64 only,
-  // else the default): 192-query CTAs, three consumer warpgroups with ping-pong GEMM issue;
-  // kFwdV3NoPingPong: the same without the turn-taking; kFwdV3ExpEmu: v3 with 3/16 of the softmax
-  // exponentials on the FMA pipe (both for A/B timing). kFwdPingPong2 (hd64 only, A/B): the
-  // default 128-query CTA with its two consumer warpgroups taking turns at GEMM issue.
+  // The kernel, as chosen by api.cpp fwd_kernel (never kFwdAuto here). kFwdV2: 128-query CTAs,
+  // two consumer warpgroups (every head dim). hd64 only (other head dims run kFwdV2):
+  // kFwdV3NoPingPong: 192-query CTAs, three consumer warpgroups (the hd64 default at N >= 4K);
+  // kFwdV3: the same with ping-pong GEMM issue; kFwdV3ExpEmu: v3 with 3/16 of the softmax
+  // exponentials on the FMA pipe (both for A/B timing).
   int fwd_version;
   // kFwdGridPerTile: one CTA per tile. kFwdGridStatic: one CTA per SM walking the tiles in a
   // static order (fwd.cuh FwdTiles). kFwdGridDynamic: the same CTAs claiming tiles from
@@ -58,11 +58,11 @@ constexpr int kFwdGridDynamic = 2;
 // Forward workspace under kFwdGridDynamic (the tile counter, padded).
 constexpr size_t kFwdDynamicWorkspace = 16;
 
-constexpr int kFwdDefault = 2;
+constexpr int kFwdAuto = 0;  // LONGFLASH_CUDA_FWD unset: fwd_kernel chooses by shape
+constexpr int kFwdV2 = 2;
 constexpr int kFwdV3 = 3;
 constexpr int kFwdV3NoPingPong = -3;
 constexpr int kFwdV3ExpEmu = 4;
-constexpr int kFwdPingPong2 = 5;
 // The forward's grid when LONGFLASH_CUDA_FWD names none: persistent (one CTA per SM, static
 // schedule) for calls whose tiles all cost the same and for causal calls of at most 32 query
 // blocks per sequence (api.cpp fwd_grid), else one CTA per tile.

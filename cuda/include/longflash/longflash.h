@@ -31,7 +31,7 @@ extern "C" {
 #define LF_API __attribute__((visibility("default")))
 #endif
 
-#define LONGFLASH_API_VERSION 1
+#define LONGFLASH_API_VERSION 2  /* 2: lf_forward_plan */
 
 typedef enum lf_status {
   LF_SUCCESS = 0,
@@ -88,6 +88,12 @@ LF_API lf_status lf_check_device(int device);
 
 /* Checks params alone (no pointers, no device): LF_SUCCESS when a call with them can run. */
 LF_API lf_status lf_check_params(const lf_attention_params* params);
+
+/* The forward kernel and grid a call with these params would run, written as the
+   LONGFLASH_CUDA_FWD value that forces them, e.g. "v3-no-pingpong+persistent", whether or not
+   this build compiled the head dim; NULL when the params are invalid (lf_last_error says why).
+   No device access. Valid until the next call in this thread. */
+LF_API const char* lf_forward_plan(const lf_attention_params* params);
 
 /* Workspace bytes the call needs (may be 0; then workspace may be NULL). No device access. */
 LF_API lf_status lf_attention_forward_workspace_size(const lf_attention_params* params,

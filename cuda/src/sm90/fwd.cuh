@@ -561,24 +561,19 @@ struct FwdKernelBase {
   }
 };
 
-// The default forward at every head dim. A class of its own (not an alias) so that the kernel
-// symbols and code of the default path stay those of the 2-consumer kernel it always was.
+// The forward at every head dim (LONGFLASH_CUDA_FWD=v2), and the hd64 default below 4K queries. A
+// class of its own (not an alias) so that its kernel symbols and code stay those of the
+// 2-consumer kernel it always was.
 template <typename Element, int kDqk, int kDv>
 struct FwdKernel : FwdKernelBase<Element, kDqk, kDv> {};
 
 // LONGFLASH_CUDA_FWD=v3 at hd64: 192 queries per CTA (three consumer warpgroups, 24/160
-// registers), a 4-stage K/V ring (4 x 2 x 16 KiB + 24 KiB Q = 152 KiB), ping-pong issue order
-// (kPingPong false: the same without the turn-taking, for A/B timing).
+// registers), a 4-stage K/V ring (4 x 2 x 16 KiB + 24 KiB Q = 152 KiB), ping-pong issue order.
+// kPingPong false (v3-no-pingpong): the same without the turn-taking; the hd64 default from 4K
+// queries (api.cpp fwd_kernel).
 // kExpEmu: the same with part of the exponentials on the FMA pipe (exp2_fma).
 template <typename Element, int kDqk, int kDv, bool kPingPong, bool kExpEmu = false>
 struct FwdKernelV3 : FwdKernelBase<Element, kDqk, kDv, 3, 4, kPingPong, kExpEmu> {};
-
-// LONGFLASH_CUDA_FWD=pingpong at hd64 (A/B): the default CTA with its two consumer warpgroups
-// taking turns at GEMM issue. At hd64 the exp unit is as busy as the tensor cores, and ncu (session
-// 9) has the tensor pipe busy 48% of the time: the two warpgroups' softmaxes overlap about half
-// the time. Taking turns is meant to put each warpgroup's softmax under the other's GEMMs.
-template <typename Element, int kDqk, int kDv>
-struct FwdKernelPingPong : FwdKernelBase<Element, kDqk, kDv, 2, 2, true> {};
 
 // The default kernel on the dynamic schedule (LONGFLASH_CUDA_FWD=+dynamic): persistent and
 // balanced under causal masks, at the cost of one global atomic per tile.

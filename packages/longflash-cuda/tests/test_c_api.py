@@ -410,3 +410,60 @@ def test_check_device_rejects_missing_device():
     got = lib.lf_check_device(10_000)
     assert got in (status("LF_ERROR_NO_DEVICE"), status("LF_ERROR_ARCH"))
     assert last_error()
+
+
+def plan(p: _lib.Params) -> str | None:
+    got = lib.lf_forward_plan(ctypes.byref(p))
+    return None if got is None else got.decode()
+
+
+@pytest.mark.parametrize(
+    "d, n, window, varlen, want",
+    [
+        # hd64 from 4K queries: 192-query CTAs with three consumer warpgroups
+        (64, 4096, (-1, -1), False, "v3-no-pingpong+persistent"),
+        (64, 16384, (-1, -1), False, "v3-no-pingpong+persistent"),
+        (64, 4096, (-1, 0), False, "v3-no-pingpong+persistent"),  # causal, 32 blocks: static
+        (64, 16384, (-1, 0), False, "v3-no-pingpong+grid"),  # causal, 128 blocks: per tile
+        # below 4K, with a band or varlen: the 128-query CTA
+        (64, 4095, (-1, -1), False, "v2+persistent"),
+        (64, 1024, (-1, 0), False, "v2+persistent"),
+        (64, 8192, (100, 0), False, "v2+grid"),
+        (64, 8192, (-1, 50), False, "v2+grid"),
+        (64, 8192, (-1, -1), True, "v2+grid"),
+        # other head dims: always the 128-query CTA
+        (128, 16384, (-1, -1), False, "v2+persistent"),
+        (256, 16384, (-1, 0), False, "v2+grid"),
+    ],
+)
+def test_forward_plan_by_shape(monkeypatch, d, n, window, varlen, want):
+    """lf_forward_plan names the kernel and grid the forward would run, as the LONGFLASH_CUDA_FWD
+    value that forces them; it answers for head dims this build left out too (CI builds hd128)."""
+    monkeypatch.delenv("LONGFLASH_CUDA_FWD", raising=False)
+    kw = dict(head_dim_qk=d, head_dim_v=d, seqlen_q=n, seqlen_k=n, batch=1)
+    kw.update(window_left=window[0], window_right=window[1])
+    if varlen:
+        kw.update(cu_seqlens_q=FAKE, cu_seqlens_k=FAKE, total_q=2 * n, total_k=2 * n, batch=2)
+    assert plan(params(**kw)) == want
+
+
+@pytest.mark.parametrize(
+    "env, d, want",
+    [
+        ("v2", 64, "v2+persistent"),
+        ("v3", 64, "v3+persistent"),
+        ("v3-no-pingpong+grid", 64, "v3-no-pingpong+grid"),
+        ("+dynamic", 128, "v2+dynamic"),
+        ("+dynamic", 64, "v3-no-pingpong+persistent"),  # v3 has no dynamic schedule
+        ("v3-emu", 128, "v2+persistent"),  # the v3 kernels exist at hd64 only
+        ("default", 64, "v3-no-pingpong+persistent"),
+    ],
+)
+def test_forward_plan_follows_the_variable(monkeypatch, env, d, want):
+    monkeypatch.setenv("LONGFLASH_CUDA_FWD", env)
+    assert plan(params(head_dim_qk=d, head_dim_v=d, seqlen_q=8192, seqlen_k=8192)) == want
+
+
+def test_forward_plan_of_bad_params_is_null():
+    assert plan(params(heads_q=3, heads_k=2)) is None
+    assert "multiple" in last_error()

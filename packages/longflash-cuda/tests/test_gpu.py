@@ -302,7 +302,7 @@ def _fwd_ref64(q, k, v, scale, window, softcap):
     return torch.einsum("bhqk,bkhd->bqhd", p, vd.repeat_interleave(g, 2)), lse
 
 
-@pytest.mark.parametrize("variant", ["v3", "v3-no-pingpong", "v3-emu", "pingpong"])
+@pytest.mark.parametrize("variant", ["v3", "v3-no-pingpong", "v3-emu", "v2"])
 @pytest.mark.parametrize(
     "dtype,b,nq,nk,hq,hk,causal,window,softcap,varlen",
     [
@@ -328,8 +328,8 @@ def _fwd_ref64(q, k, v, scale, window, softcap):
 def test_forward_v3_hd64_matches_float64(
     monkeypatch, variant, dtype, b, nq, nk, hq, hk, causal, window, softcap, varlen
 ):
-    """The hd64 forward variants (LONGFLASH_CUDA_FWD=v3: 192-query CTAs, three consumer
-    warpgroups; pingpong: the default CTA with turn-taking) against float64, out and lse, with
+    """The hd64 forward kernels, each forced by LONGFLASH_CUDA_FWD (v3*: 192-query CTAs, three
+    consumer warpgroups; v2: 128-query CTAs, two) against float64, out and lse, with
     NaN-poisoned memory under the outputs so an unwritten element fails."""
     from longflash_cuda import _lib, _torch
 
@@ -367,7 +367,7 @@ def test_forward_v3_hd64_matches_float64(
     assert (lse.double()[~empty] - ref_lse[~empty]).abs().max().item() < 1e-2
 
 
-_HD64_FWD_VARIANTS = ["default", "v3-no-pingpong", "v3", "pingpong"]
+_HD64_FWD_VARIANTS = ["default", "v3-no-pingpong", "v3", "v2"]
 _PERSISTENT_CASES = [
     # d, b, nq, nk, hq, hk, causal, window, varlen
     # several rounds of the persistent grid (132 CTAs on an H200): 2 x 16 x 8 = 256 tiles
@@ -397,7 +397,7 @@ def test_persistent_forward_equals_one_cta_per_tile(
     """The persistent forward (one CTA per SM walking the tiles, on the static or the dynamic
     schedule) computes each tile exactly as a grid of one CTA per tile does, so out and lse must
     be bitwise equal, also with the grid capped at 5 CTAs (LONGFLASH_CUDA_FWD_CTAS); NaN-poisoned
-    memory under the outputs catches a tile that no CTA takes. (The v3 and pingpong kernels have
+    memory under the outputs catches a tile that no CTA takes. (The v3 kernels have
     no dynamic schedule and run the static one for it.)"""
     from longflash_cuda import _lib, _torch
 

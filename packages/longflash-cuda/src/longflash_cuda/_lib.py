@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 LIB_NAME = "liblongflash_cuda.so"
-API_VERSION = 1
+API_VERSION = 2
 
 LF_SUCCESS = 0
 STATUS_NAMES = {
@@ -83,6 +83,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "lf_has_kernel": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_int]),
         "lf_check_device": (ctypes.c_int, [ctypes.c_int]),
         "lf_check_params": (ctypes.c_int, [P]),
+        "lf_forward_plan": (ctypes.c_char_p, [P]),
         "lf_attention_forward_workspace_size": (ctypes.c_int, [P, ctypes.POINTER(sz)]),
         "lf_attention_backward_workspace_size": (ctypes.c_int, [P, ctypes.POINTER(sz)]),
         "lf_attention_forward": (ctypes.c_int, [P, T, T, T, T, vp, vp, sz, vp]),
@@ -124,13 +125,16 @@ def load() -> tuple[ctypes.CDLL | None, str]:
                 continue
             try:
                 lib = ctypes.CDLL(str(path))
+                lib.lf_api_version.restype = ctypes.c_int
+                version = lib.lf_api_version()
+                if version != API_VERSION:
+                    tried.append(
+                        f"{path} (C API version {version}, this package needs {API_VERSION})"
+                    )
+                    continue
                 _declare(lib)
             except (OSError, AttributeError) as exc:
                 tried.append(f"{path} ({exc})")
-                continue
-            version = lib.lf_api_version()
-            if version != API_VERSION:
-                tried.append(f"{path} (C API version {version}, this package needs {API_VERSION})")
                 continue
             result = (lib, "")
             break
