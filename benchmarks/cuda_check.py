@@ -362,10 +362,18 @@ def cases(quick: bool, compiled):
                 dict(name="hd64 v3-edge 4k causal gqa", Hq=4, Hk=1, Nq=4096, Nk=4096, causal=True),
                 # From 4K queries the default itself is the 192-query CTA (api.cpp fwd_kernel):
                 # query counts not a multiple of 192, causal with Nq > Nk and Nq < Nk, fp16 softcap.
-                dict(name="hd64 wide dense Nq=4097 Nk=4100", Hq=2, Nq=4097, Nk=4100),
+                dict(name="hd64 wide dense Nq=4097 Nk=4100", Hq=2, Hk=2, Nq=4097, Nk=4100),
                 dict(name="hd64 wide causal Nq>Nk", Hq=4, Hk=2, Nq=4300, Nk=4000, causal=True),
-                dict(name="hd64 wide causal Nq<Nk", Hq=2, Nq=4096, Nk=9000, causal=True),
-                dict(name="hd64 wide fp16 softcap", Hq=2, Nq=8191, Nk=8191, softcap=30.0, dtype=fp),
+                dict(name="hd64 wide causal Nq<Nk", Hq=2, Hk=1, Nq=4096, Nk=9000, causal=True),
+                dict(
+                    name="hd64 wide fp16 softcap",
+                    Hq=2,
+                    Hk=2,
+                    Nq=8191,
+                    Nk=8191,
+                    softcap=30.0,
+                    dtype=fp,
+                ),
             ]
         out += [dict(c, D=d) for c in base]
     for d, dv in ((64, 64), (96, 96), (192, 192), (192, 128), (256, 256)):
