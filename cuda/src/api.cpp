@@ -316,7 +316,7 @@ int fwd_version() {
 // The hd64 forward from this many queries per sequence (dense or causal; no window, not varlen)
 // runs 192-query CTAs with three consumer warpgroups. In session 10's rotating A/B on the H200
 // (benchmarks/NOTES-cuda.md) they ran 1.06x (4K) and 1.11x (16K) the 128-query CTA non-causal,
-// 1.07x at 16K causal and 1.00x at 4K causal, but 0.98x at 1K and 0.82x at 1K causal: a short
+// 1.07x at 16K causal and 0.99x at 4K causal, but 0.98x at 1K and 0.82x at 1K causal: a short
 // sequence leaves too few CTAs of 192 queries to fill the GPU.
 constexpr int kFwdWideMinSeqlen = 4096;
 int fwd_kernel(AttnShape const& s, int version) {
