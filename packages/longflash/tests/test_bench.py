@@ -315,3 +315,62 @@ def test_dense_guard_uses_score_matrix_size():
         core.dense_bytes(Case("fwd", False, "float32", 2, 1000, 3000, 4, 4, 64, 64)),
         2 * 4 * 2 * 4 * 1000 * 3000,
     )
+
+
+# -- plot: the memory panels ---------------------------------------------------------------
+def _memory_results(mems: dict[str, list[int]]) -> dict:
+    """A GPU run of forward cases at N = 1K and 4K whose contenders used `mems` bytes."""
+    seqlens = (1024, 4096)
+    cases = [
+        dict(
+            key=f"fwd-{n}",
+            direction="fwd",
+            causal=False,
+            dtype="bfloat16",
+            B=1,
+            Nq=n,
+            Hq=16,
+            Dqk=128,
+            label=f"fwd N{n}",
+        )
+        for n in seqlens
+    ]
+    return {
+        "date": "2026-11-29 00:00:00",
+        "config": {"device": "cuda", "framework": "torch"},
+        "machine": {"gpu": {"name": "test GPU"}},
+        "cases": cases,
+        "contenders": [{"name": name, "kind": "peer"} for name in mems],
+        "measurements": [
+            dict(case=c["key"], contender=name, status="ok", tflops=100.0, peak_mem_bytes=b)
+            for name, bs in mems.items()
+            for c, b in zip(cases, bs)
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    "mems, scale",
+    [
+        # within a decade (the O(N) kernels side by side): linear, from 0
+        ({"a": [64 << 20, 65 << 20], "b": [64 << 20, 70 << 20]}, "linear"),
+        # plain attention's N² scores next to them: log
+        ({"a": [64 << 20, 65 << 20], "naive": [2 << 30, 32 << 30]}, "log"),
+    ],
+)
+def test_memory_panel_has_labelled_ticks(mems, scale):
+    """Every memory panel gets at least two labelled y ticks: a log axis whose values all lie
+    inside one decade had none (the H200 bench of session 10 showed empty axes)."""
+    pytest.importorskip("matplotlib")
+    fig = plot.figure(_memory_results(mems))
+    fig.canvas.draw()
+    ax = fig.axes[-1]  # the memory row (a single column here)
+    assert "memory" in ax.get_title()
+    assert ax.get_yscale() == scale
+    lo, hi = ax.get_ylim()
+    labels = [
+        t.get_text()
+        for t in ax.get_yticklabels()
+        if t.get_text() and lo <= t.get_position()[1] <= hi
+    ]
+    assert len(labels) >= 2, labels

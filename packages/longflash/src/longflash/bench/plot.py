@@ -26,14 +26,23 @@ def have_matplotlib() -> bool:
 
 def plot(results: dict[str, Any], path: str | Path) -> Path | None:
     """Write the figure to ``path``; warn and return None when matplotlib is missing."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
+    if not have_matplotlib():
         warnings.warn(
             "matplotlib is not installed, so no plot was written (pip install 'longflash[bench]')",
             stacklevel=2,
         )
         return None
+    fig = figure(results)
+    if fig is None:
+        return None
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def figure(results: dict[str, Any]):
+    """The matplotlib Figure of a results dict (None when it has no case)."""
+    from matplotlib.figure import Figure
 
     unit, mult = rate_unit(results)
     cases = {c["key"]: c for c in results["cases"]}
@@ -121,7 +130,7 @@ def plot(results: dict[str, Any], path: str | Path) -> Path | None:
         what = "forward" if direction == "fwd" else "forward + backward"
         ax.set_title(f"peak memory, {what}, {mask}, head dim {mem_dim}", fontsize=10)
         ax.set_ylabel(f"{mem_unit} above inputs")
-        ax.set_yscale("log")
+        _memory_axis(ax)
         _seq_axis(ax, seqlens)
 
     m = results["machine"]
@@ -139,9 +148,17 @@ def plot(results: dict[str, Any], path: str | Path) -> Path | None:
         fontsize=9,
         frameon=False,
     )
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
+    return fig
+
+
+def _memory_axis(ax) -> None:
+    """Log scale when the panel's lines span a decade or more (plain attention's N² next to the
+    O(N) kernels), else linear from 0: inside one decade a log axis has no labelled tick."""
+    ys = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
+    if ys and max(ys) >= 10 * min(ys):
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(0, 1.15 * max(ys, default=1.0))
 
 
 def _seq_axis(ax, seqlens: list[int]) -> None:
