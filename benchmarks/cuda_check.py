@@ -35,8 +35,6 @@ FWD_VARIANT_DIMS = {
     "v3-emu": (64,),
     # the 128-query CTA, which the hd64 default replaces from 4K queries (api.cpp fwd_kernel)
     "v2": (64,),
-    # v2 issuing each tile's first QKᵀ before the previous tile's epilogue (persistent grids)
-    "v2-overlap": (64, 128),
 }
 
 
@@ -627,9 +625,8 @@ def main() -> int:
     ap.add_argument(
         "--fwd-variants",
         default=None,
-        help="comma list of LONGFLASH_CUDA_FWD values (default, v2, v2-overlap, v3, "
-        "v3-no-pingpong, v3-emu), run after any --bwd-variants, names suffixed [fwd=variant]; "
-        "each variant runs "
+        help="comma list of LONGFLASH_CUDA_FWD values (default,v2,v3,v3-no-pingpong,v3-emu), "
+        "run after any --bwd-variants, names suffixed [fwd=variant]; each variant runs "
         "the cases of the head dims it exists at (FWD_VARIANT_DIMS)",
     )
     args = ap.parse_args()

@@ -297,9 +297,8 @@ int bwd_version() {
 
 // Forward kernel from LONGFLASH_CUDA_FWD = <kernel>[+<grid>]: <kernel> is "v2" (128-query CTAs,
 // two consumer warpgroups), "v3-no-pingpong" (hd64: 192-query CTAs, three consumer warpgroups),
-// or, for A/B timing, "v3" / "v3-emu" (hd64) and "v2-overlap" (hd64, hd128); unset,
-// "default" or unknown: kFwdAuto, which fwd_kernel resolves by shape. Where a kernel does not
-// exist the call runs v2.
+// or, for A/B timing, "v3" / "v3-emu"; unset, "default" or unknown: kFwdAuto, which fwd_kernel
+// resolves by shape. The v3 kernels exist at hd64 only; other head dims run v2 whatever this says.
 // The "+<grid>" suffix is fwd_grid's. Read on every call like LONGFLASH_CUDA_BWD.
 int fwd_version() {
   char const* e = std::getenv("LONGFLASH_CUDA_FWD");
@@ -309,7 +308,6 @@ int fwd_version() {
   if (v == "v3" || v == "3") return kFwdV3;
   if (v == "v3-no-pingpong") return kFwdV3NoPingPong;
   if (v == "v3-emu") return kFwdV3ExpEmu;
-  if (v == "v2-overlap") return kFwdV2Overlap;
   return kFwdAuto;
 }
 
@@ -320,9 +318,7 @@ int fwd_version() {
 // sequence leaves too few CTAs of 192 queries to fill the GPU.
 constexpr int kFwdWideMinSeqlen = 4096;
 int fwd_kernel(AttnShape const& s, int version) {
-  bool const hd64 = s.dqk == 64 && s.dv == 64;
-  if (version == kFwdV2Overlap && (hd64 || (s.dqk == 128 && s.dv == 128))) return version;
-  if (!hd64) return kFwdV2;
+  if (s.dqk != 64 || s.dv != 64) return kFwdV2;
   if (version != kFwdAuto) return version;
   bool const band = s.window_left >= 0 || s.window_right > 0;
   bool const wide = !s.varlen() && !band && s.seqlen_q >= kFwdWideMinSeqlen;
@@ -462,12 +458,11 @@ const char* lf_forward_plan(const lf_attention_params* params) {
     case kFwdV3: plan = "v3"; break;
     case kFwdV3NoPingPong: plan = "v3-no-pingpong"; break;
     case kFwdV3ExpEmu: plan = "v3-emu"; break;
-    case kFwdV2Overlap: plan = "v2-overlap"; break;
     default: plan = "v2"; break;
   }
   switch (fwd_grid(s)) {
     case kFwdGridStatic: plan += "+persistent"; break;
-    // only v2 has a dynamic version; the others walk the static schedule instead
+    // the v3 kernels have no dynamic schedule and walk the static one instead
     case kFwdGridDynamic: plan += kernel == kFwdV2 ? "+dynamic" : "+persistent"; break;
     default: plan += "+grid"; break;
   }

@@ -42,8 +42,7 @@ struct FwdArgs {
   // two consumer warpgroups (every head dim). hd64 only (other head dims run kFwdV2):
   // kFwdV3NoPingPong: 192-query CTAs, three consumer warpgroups (the hd64 default at N >= 4K);
   // kFwdV3: the same with ping-pong GEMM issue; kFwdV3ExpEmu: v3 with 3/16 of the softmax
-  // exponentials on the FMA pipe (both for A/B timing). kFwdV2Overlap (hd64/hd128, A/B): v2
-  // with the next tile's first QKᵀ issued before the current tile's epilogue.
+  // exponentials on the FMA pipe (both for A/B timing).
   int fwd_version;
   // kFwdGridPerTile: one CTA per tile. kFwdGridStatic: one CTA per SM walking the tiles in a
   // static order (fwd.cuh FwdTiles). kFwdGridDynamic: the same CTAs claiming tiles from
@@ -64,7 +63,6 @@ constexpr int kFwdV2 = 2;
 constexpr int kFwdV3 = 3;
 constexpr int kFwdV3NoPingPong = -3;
 constexpr int kFwdV3ExpEmu = 4;
-constexpr int kFwdV2Overlap = 6;  // A/B: v2 issuing the next tile's first QKᵀ before the epilogue
 // The forward's grid when LONGFLASH_CUDA_FWD names none: persistent (one CTA per SM, static
 // schedule) for calls whose tiles all cost the same and for causal calls of at most 32 query
 // blocks per sequence (api.cpp fwd_grid), else one CTA per tile.

@@ -80,12 +80,8 @@ struct FwdTiles {
 // kExpEmu_: 3 of every 16 exponentials of the softmax go to exp2_fma (FMA pipe) so that the
 // MUFU pipe's time per tile drops below the tensor cores' (v3-emu, an A/B variant).
 // kDynamic_: tiles come from the dynamic schedule (Params::tile_counter) instead of the static one.
-// kOverlap_ (static schedule, no ping-pong): each consumer issues the first QKᵀ of its CTA's next
-// tile right after the last P·V of the current one, so that the QKᵀ runs on the tensor cores
-// while the warpgroup writes the current tile's epilogue (an A/B variant for short causal tiles).
 template <typename Element_, int kDqk_, int kDv_, int kConsumerWGs_ = 2, int kStages_ = 2,
-          bool kPingPong_ = false, bool kExpEmu_ = false, bool kDynamic_ = false,
-          bool kOverlap_ = false>
+          bool kPingPong_ = false, bool kExpEmu_ = false, bool kDynamic_ = false>
 struct FwdKernelBase {
   using Element = Element_;
   static constexpr int kDqk = kDqk_;
@@ -100,7 +96,6 @@ struct FwdKernelBase {
   static constexpr bool kPingPong = kPingPong_;
   static constexpr bool kExpEmu = kExpEmu_;
   static constexpr bool kDynamic = kDynamic_;
-  static constexpr bool kOverlap = kOverlap_;
   static constexpr int kThreads = 128 * (kConsumerWGs + 1);
   static constexpr int kConsumerThreads = 128 * kConsumerWGs;
   // setmaxnreg split: 128x24 + 256x240 or 128x24 + 384x160, all of the CTA's 168 or 128 registers
@@ -111,8 +106,6 @@ struct FwdKernelBase {
   static_assert(kConsumerWGs == 2 || (kConsumerWGs == 3 && kDqk <= 64 && kDv <= 64),
                 "three consumer warpgroups only fit 160 registers at hd64");
   static_assert(!kPingPong || kConsumerWGs >= 2);
-  static_assert(!kOverlap || (!kDynamic && !kPingPong),
-                "the look-ahead reads the static schedule and issues outside the turn order");
   static_assert(fits_register_split(kThreads, kProducerRegs, kConsumerRegs));
 
   using AtomLayout = Layout<Shape<Int<kConsumerWGs>, _1, _1>>;
@@ -323,13 +316,6 @@ struct FwdKernelBase {
     uint32_t q_phase = 0;
   };
 
-  // A consumer's tile: query block, head, sequence and its key blocks [n_lo, n_hi] (tile_keys).
-  struct TileRef {
-    int m_block, h, b, n_lo, n_hi;
-    SeqInfo seq;
-    BandMask band;
-  };
-
   // The consumer main loop. K and V walk the same ring; V lags K by one block, since P·V of block
   // n is issued together with QKᵀ of block n-1 and softmax(n-1) runs while both are in flight.
   // With kPingPong each warpgroup's GEMM issue also takes a turn: named barrier 1 + w gates
@@ -339,15 +325,13 @@ struct FwdKernelBase {
   // each issues the same number of batches: the first consumer's first turn is a free arrival,
   // and the last consumer skips its final arrival (nobody waits for it), which leaves every
   // barrier balanced at the end of each tile.
-  // kOverlap: the tile's first QKᵀ is already in flight on entry (issued by the caller), and the
-  // last P·V is still in flight on return (the caller waits for it, see consume).
   template <class MmaQK, class MmaPV, class TQ, class TK, class TV, class TS, class TO, class ORc,
-            class TP, class Softmax>
+            class Softmax>
   static __device__ __forceinline__ void mainloop(SharedStorage& ss, ConsumerState& cs, int n_lo,
                                                   int n_hi, int wgc, MmaQK& mma_qk,
                                                   MmaPV& mma_pv, TQ const& tSrQ, TK const& tSrK,
                                                   TV const& tOrV, TS& tSrS, TO& tOrO, ORc& O_rc,
-                                                  TP& rP, Softmax& softmax_step) {
+                                                  Softmax& softmax_step) {
     constexpr int kRows = decltype(size<0>(O_rc))::value;
     constexpr int kTurnThreads = 2 * 128;
     int const my_turn = 1 + wgc;
@@ -363,16 +347,15 @@ struct FwdKernelBase {
     if constexpr (kPingPong) {
       if (wgc == 0) named_arrive(my_turn, kTurnThreads);
     }
+    TxBarrier::wait(&ss.bar_q, cs.q_phase);
     float corr[kRows];
+    Tensor rP = make_tensor<Element>(tSrS.layout());
     Tensor tOrP = make_tensor(rP.data(), acc_as_A(rP.layout()));
 
-    if constexpr (!kOverlap) {
-      TxBarrier::wait(&ss.bar_q, cs.q_phase);
-      Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
-      take_turn();
-      wg_gemm<true, -1, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
-      pass_turn();
-    }
+    Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
+    take_turn();
+    wg_gemm<true, -1, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
+    pass_turn();
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
     Barrier::arrive(&ss.k_empty[st_k.index]);
@@ -394,13 +377,7 @@ struct FwdKernelBase {
         Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
         wg_gemm<true, -1, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
         Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
-        // kOverlap leaves O uncleared at the tile's start (see consume): its first P·V
-        // overwrites it.
-        if constexpr (kOverlap) {
-          wg_gemm<-1, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO, n + 1 == n_hi);
-        } else {
-          wg_gemm<false, -1, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
-        }
+        wg_gemm<false, -1, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
       }
       warpgroup_wait<1>();  // QKᵀ of block n is done (batches complete in issue order)
       warpgroup_fence_operand(tSrS);
@@ -422,13 +399,8 @@ struct FwdKernelBase {
     }
     Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
     take_turn();
-    if constexpr (kOverlap) {
-      wg_gemm<-1, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO, n_lo == n_hi);
-    } else {
-      wg_gemm<false, -1, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
-    }
+    wg_gemm<false, -1, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
     if (wgc + 1 != kConsumerWGs) pass_turn();
-    if constexpr (kOverlap) return;
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
     warpgroup_fence_operand(rP);
@@ -462,243 +434,128 @@ struct FwdKernelBase {
     float const scale_log2 = p.scale_log2;
     ConsumerState cs;
     uint32_t tile_phase = 0;
-    // Softcap, mask and the online-softmax update of tile t's key block n (scores in tSrS, turned
-    // into unnormalised probabilities); corr[r] rescales what row r accumulated before. The
-    // helpers take the tile and its row statistics as arguments, so that the default loop below
-    // keeps them loop-local, as the code it was measured with did.
-    auto softmax_update = [&](TileRef const& t, int i0, float (&row_max)[kRows],
-                              float (&row_sum)[kRows], int n, float (&corr)[kRows]) {
-      int const j0 = n * kBlockN;
-      if (p.softcap > 0.f) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < size(tSrS); ++i) {
-          tSrS(i) = p.softcap * tanh_fast(tSrS(i) * p.softcap_scale);
-        }
-      }
-      bool full;
-      if constexpr (kConsumerWGs == 2) {
-        full = t.band.tile_is_full(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
-      } else {
-        // Each warpgroup asks about its own 64 rows: with 192-row blocks the causal diagonal
-        // crosses ~2.5 key tiles per block, and only one warpgroup's rows meet each edge.
-        int const r0 = i0 + 64 * (tid / 128);
-        full = t.band.tile_is_full(r0, r0 + 63, j0, j0 + kBlockN - 1);
-      }
-      if (!full) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < size(tSrS); ++i) {
-          if (!t.band.visible(i0 + get<0>(cS(i)), j0 + get<1>(cS(i)))) tSrS(i) = -INFINITY;
-        }
-      }
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        float mx = row_max[r];
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < size<1>(S_rc); ++c) mx = fmaxf(mx, S_rc(r, c));
-        mx = quad_max(mx);
-        // A row with no visible key so far keeps max -inf; subtract 0 then so exp2 gives 0,
-        // not NaN.
-        float const mx_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
-        corr[r] = exp2f(row_max[r] * scale_log2 - mx_scaled);
-        row_max[r] = mx;
-        float sum = 0.f;
-        if constexpr (kExpEmu) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < size<1>(S_rc); ++c) {
-            float const x = S_rc(r, c) * scale_log2 - mx_scaled;
-            float const e = c % 16 >= 13 ? exp2_fma(x) : exp2f(x);
-            S_rc(r, c) = e;
-            sum += e;
-          }
-        } else {
-          CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < size<1>(S_rc); ++c) {
-            float const e = exp2f(S_rc(r, c) * scale_log2 - mx_scaled);
-            S_rc(r, c) = e;
-            sum += e;
-          }
-        }
-        row_sum[r] = row_sum[r] * corr[r] + sum;
-      }
-    };
 
-    auto start_rows = [&](float (&row_max)[kRows], float (&row_sum)[kRows]) {
+    int const rounds = kDynamic ? INT_MAX : tiles.rounds();
+    for (int round = 0; round < rounds; ++round) {
+      int m_block, h, b, n_lo, n_hi;
+      SeqInfo seq;
+      BandMask band;
+      if constexpr (kDynamic) {
+        int const idx = receive_tile(ss, tile_phase);
+        if (idx >= tiles.total) break;
+        tiles.decode(idx, m_block, h, b);
+        if (!tile_keys(p, m_block, b, seq, band, n_lo, n_hi)) continue;
+      } else if (!tiles.get(round, m_block, h, b) ||
+                 !tile_keys(p, m_block, b, seq, band, n_lo, n_hi)) {
+        continue;
+      }
+      float row_max[kRows];
+      float row_sum[kRows];
       CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < kRows; ++r) {
         row_max[r] = -INFINITY;
         row_sum[r] = 0.f;
       }
-    };
+      clear(tOrO);
+      int const i0 = m_block * kBlockM;
 
-    // Epilogue of tile u: normalise, write O (pairs of adjacent columns) and the natural-log lse.
-    // The producer is already loading the next tile's Q and K/V meanwhile. `empty`: a tile with
-    // no key (kOverlap writes it without reading O; elsewhere O is clear and row_sum 0).
-    auto epilogue = [&](TileRef const& u, int i0, float const (&row_max)[kRows],
-                        float const (&row_sum)[kRows], bool empty) {
-      float lse_row[kRows];
-      [[maybe_unused]] float inv_row[kRows];
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        float const sum = kOverlap && empty ? 0.f : quad_sum(row_sum[r]);
-        float const inv = sum > 0.f ? 1.f / sum : 0.f;
-        lse_row[r] = sum > 0.f ? (row_max[r] * scale_log2 + __log2f(sum)) * kLn2 : -INFINITY;
-        if constexpr (kOverlap) {
-          inv_row[r] = inv;
-        } else {
+      // Softcap, mask and the online-softmax update of one key block's scores (in tSrS, turned
+      // into unnormalised probabilities); corr[r] rescales what row r accumulated before.
+      auto softmax_step = [&](int n, float (&corr)[kRows]) {
+        int const j0 = n * kBlockN;
+        if (p.softcap > 0.f) {
           CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= inv;
+          for (int i = 0; i < size(tSrS); ++i) {
+            tSrS(i) = p.softcap * tanh_fast(tSrS(i) * p.softcap_scale);
+          }
         }
-      }
-      Element* o_base = p.o + int64_t(u.seq.tma_batch) * p.o_batch_stride +
-                        int64_t(u.seq.start_q) * p.o_seq_stride + int64_t(u.h) * p.o_head_stride;
-      static_assert(decltype(size<0, 0>(tOrO))::value == 2, "pairs of adjacent columns");
-      if constexpr (kOverlap) {
-        // O is read, not normalised in place: the next tile's QKᵀ is in flight, and ptxas
-        // serialises every wgmma of a kernel that writes an accumulator with ordinary
-        // instructions meanwhile (C7515).
-        Tensor cO_rc = make_tensor(cO.data(), acc_rowcol(cO.layout()));
+        bool full;
+        if constexpr (kConsumerWGs == 2) {
+          full = band.tile_is_full(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
+        } else {
+          // Each warpgroup asks about its own 64 rows: with 192-row blocks the causal diagonal
+          // crosses ~2.5 key tiles per block, and only one warpgroup's rows meet each edge.
+          int const r0 = i0 + 64 * (tid / 128);
+          full = band.tile_is_full(r0, r0 + 63, j0, j0 + kBlockN - 1);
+        }
+        if (!full) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(tSrS); ++i) {
+            if (!band.visible(i0 + get<0>(cS(i)), j0 + get<1>(cS(i)))) tSrS(i) = -INFINITY;
+          }
+        }
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < kRows; ++r) {
+          float mx = row_max[r];
           CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < size<1>(O_rc); c += 2) {
-            int const row = i0 + get<0>(cO_rc(r, c));
-            if (row < u.seq.len_q) {
-              alignas(4) Element pair[2] = {Element(0.f), Element(0.f)};
-              if (!empty) {
-                pair[0] = Element(O_rc(r, c) * inv_row[r]);
-                pair[1] = Element(O_rc(r, c + 1) * inv_row[r]);
-              }
-              *reinterpret_cast<uint32_t*>(o_base + int64_t(row) * p.o_seq_stride +
-                                           get<1>(cO_rc(r, c))) =
-                  *reinterpret_cast<uint32_t*>(pair);
+          for (int c = 0; c < size<1>(S_rc); ++c) mx = fmaxf(mx, S_rc(r, c));
+          mx = quad_max(mx);
+          // A row with no visible key so far keeps max -inf; subtract 0 then so exp2 gives 0,
+          // not NaN.
+          float const mx_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
+          corr[r] = exp2f(row_max[r] * scale_log2 - mx_scaled);
+          row_max[r] = mx;
+          float sum = 0.f;
+          if constexpr (kExpEmu) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int c = 0; c < size<1>(S_rc); ++c) {
+              float const x = S_rc(r, c) * scale_log2 - mx_scaled;
+              float const e = c % 16 >= 13 ? exp2_fma(x) : exp2f(x);
+              S_rc(r, c) = e;
+              sum += e;
+            }
+          } else {
+            CUTLASS_PRAGMA_UNROLL
+            for (int c = 0; c < size<1>(S_rc); ++c) {
+              float const e = exp2f(S_rc(r, c) * scale_log2 - mx_scaled);
+              S_rc(r, c) = e;
+              sum += e;
             }
           }
+          row_sum[r] = row_sum[r] * corr[r] + sum;
         }
-      } else {
+      };
+
+      if (n_lo <= n_hi) {
+        mainloop(ss, cs, n_lo, n_hi, tid / 128, mma_qk, mma_pv, tSrQ, tSrK, tOrV, tSrS, tOrO,
+                 O_rc, softmax_step);
+        cs.q_phase ^= 1;
+      }
+
+      // Epilogue: normalise, write O (pairs of adjacent columns) and the natural-log lse. The
+      // producer is already loading the next tile's Q and K/V meanwhile.
+      float lse_row[kRows];
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        float const sum = quad_sum(row_sum[r]);
+        float const inv = sum > 0.f ? 1.f / sum : 0.f;
+        lse_row[r] = sum > 0.f ? (row_max[r] * scale_log2 + __log2f(sum)) * kLn2 : -INFINITY;
         CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < size(tOrO); i += 2) {
-          int const row = i0 + get<0>(cO(i));
-          if (row < u.seq.len_q) {
-            alignas(4) Element pair[2] = {Element(tOrO(i)), Element(tOrO(i + 1))};
-            *reinterpret_cast<uint32_t*>(o_base + int64_t(row) * p.o_seq_stride +
-                                         get<1>(cO(i))) = *reinterpret_cast<uint32_t*>(pair);
-          }
+        for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= inv;
+      }
+      Element* o_base = p.o + int64_t(seq.tma_batch) * p.o_batch_stride +
+                        int64_t(seq.start_q) * p.o_seq_stride + int64_t(h) * p.o_head_stride;
+      static_assert(decltype(size<0, 0>(tOrO))::value == 2, "pairs of adjacent columns");
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tOrO); i += 2) {
+        int const row = i0 + get<0>(cO(i));
+        if (row < seq.len_q) {
+          alignas(4) Element pair[2] = {Element(tOrO(i)), Element(tOrO(i + 1))};
+          *reinterpret_cast<uint32_t*>(o_base + int64_t(row) * p.o_seq_stride + get<1>(cO(i))) =
+              *reinterpret_cast<uint32_t*>(pair);
         }
       }
       if (p.lse != nullptr && tid % 4 == 0) {
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < kRows; ++r) {
           int const row = i0 + get<0>(cS_rc(r, 0));
-          if (row < u.seq.len_q) {
+          if (row < seq.len_q) {
             int64_t const idx = p.s.cu_q != nullptr
-                                    ? int64_t(u.h) * p.s.rows_q + u.seq.start_q + row
-                                    : (int64_t(u.b) * p.s.heads_q + u.h) * p.s.seqlen_q + row;
+                                    ? int64_t(h) * p.s.rows_q + seq.start_q + row
+                                    : (int64_t(b) * p.s.heads_q + h) * p.s.seqlen_q + row;
             p.lse[idx] = lse_row[r];
           }
         }
-      }
-    };
-
-    int const rounds = kDynamic ? INT_MAX : tiles.rounds();
-    if constexpr (kOverlap) {
-      // Each tile's first QKᵀ is issued before the previous tile's epilogue, so that it runs on
-      // the tensor cores meanwhile. ptxas keeps the wgmma pipeline only where every path into a
-      // point has the same batches in flight, so the loop keeps one invariant: at its head the
-      // current tile's first QKᵀ is in flight. Tiles without keys have nothing to compute; the
-      // search for the next tile with keys writes them (zeros, lse -inf) on its way.
-      TileRef t, u;
-      int i0;
-      float row_max[kRows];
-      float row_sum[kRows];
-      Tensor rP = make_tensor<Element>(tSrS.layout());  // P, the A operand of P·V
-      auto softmax_step = [&](int n, float (&corr)[kRows]) {
-        softmax_update(t, i0, row_max, row_sum, n, corr);
-      };
-      auto next_keyed = [&](int r) {
-        for (; r < rounds; ++r) {
-          if (!tiles.get(r, u.m_block, u.h, u.b) ||
-              !tile_keys(p, u.m_block, u.b, u.seq, u.band, u.n_lo, u.n_hi)) {
-            continue;  // no rows (the producer skips it too)
-          }
-          if (u.n_lo <= u.n_hi) break;
-          epilogue(u, u.m_block * kBlockM, row_max, row_sum, true);
-        }
-        return r;
-      };
-      // O is never cleared here: a tile's first P·V overwrites it (mainloop), since ptxas
-      // serialises the pipeline when ordinary instructions write an accumulator while a wgmma
-      // is in flight, as the tile's first QKᵀ is at the loop's head.
-      auto issue_qk = [&] {
-        TxBarrier::wait(&ss.bar_q, cs.q_phase);
-        cs.q_phase ^= 1;
-        Barrier::wait(&ss.k_full[cs.st_k.index], cs.st_k.phase);
-        wg_gemm<true, -1, false>(mma_qk, tSrQ, tSrK(_, _, _, cs.st_k.index), tSrS);
-      };
-      auto take_next = [&] {
-        t = u;
-        i0 = t.m_block * kBlockM;
-        start_rows(row_max, row_sum);
-      };
-      // After the tile's last P·V is done: free its V stage, then write the tile.
-      auto finish_tile = [&] {
-        warpgroup_fence_operand(tOrO);
-        warpgroup_fence_operand(rP);
-        Barrier::arrive(&ss.v_empty[cs.st_v.index]);
-        cs.st_v.advance();
-        epilogue(t, i0, row_max, row_sum, false);
-      };
-      int round = next_keyed(0);
-      if (round < rounds) {
-        // O in its own registers before the first QKᵀ goes out: undefined or shared values turn
-        // into register copies on the loop's entry edge, which ptxas counts as writes to an
-        // accumulator with a QKᵀ in flight.
-        clear(tOrO);
-        warpgroup_fence_operand(tOrO);
-        take_next();
-        issue_qk();
-        while (true) {
-          mainloop(ss, cs, t.n_lo, t.n_hi, tid / 128, mma_qk, mma_pv, tSrQ, tSrK, tOrV, tSrS,
-                   tOrO, O_rc, rP, softmax_step);  // returns with the last P·V in flight
-          round = next_keyed(round + 1);
-          // The last P·V must be done before the next QKᵀ goes out: ptxas serialises the
-          // pipeline when the epilogue reads O behind a wait<1> with that QKᵀ in flight (C7514).
-          warpgroup_wait<0>();
-          if (round >= rounds) {
-            finish_tile();
-            break;
-          }
-          issue_qk();
-          finish_tile();  // under the next tile's QKᵀ
-          take_next();
-        }
-      }
-    } else {
-      for (int round = 0; round < rounds; ++round) {
-        TileRef t;
-        if constexpr (kDynamic) {
-          int const idx = receive_tile(ss, tile_phase);
-          if (idx >= tiles.total) break;
-          tiles.decode(idx, t.m_block, t.h, t.b);
-          if (!tile_keys(p, t.m_block, t.b, t.seq, t.band, t.n_lo, t.n_hi)) continue;
-        } else if (!tiles.get(round, t.m_block, t.h, t.b) ||
-                   !tile_keys(p, t.m_block, t.b, t.seq, t.band, t.n_lo, t.n_hi)) {
-          continue;
-        }
-        float row_max[kRows];
-        float row_sum[kRows];
-        start_rows(row_max, row_sum);
-        clear(tOrO);
-        int const i0 = t.m_block * kBlockM;
-        auto softmax_step = [&](int n, float (&corr)[kRows]) {
-          softmax_update(t, i0, row_max, row_sum, n, corr);
-        };
-        if (t.n_lo <= t.n_hi) {
-          Tensor rP = make_tensor<Element>(tSrS.layout());  // P, the A operand of P·V
-          mainloop(ss, cs, t.n_lo, t.n_hi, tid / 128, mma_qk, mma_pv, tSrQ, tSrK, tOrV, tSrS,
-                   tOrO, O_rc, rP, softmax_step);
-          cs.q_phase ^= 1;
-        }
-        epilogue(t, i0, row_max, row_sum, false);
       }
     }
   }
@@ -717,12 +574,6 @@ struct FwdKernel : FwdKernelBase<Element, kDqk, kDv> {};
 // kExpEmu: the same with part of the exponentials on the FMA pipe (exp2_fma).
 template <typename Element, int kDqk, int kDv, bool kPingPong, bool kExpEmu = false>
 struct FwdKernelV3 : FwdKernelBase<Element, kDqk, kDv, 3, 4, kPingPong, kExpEmu> {};
-
-// LONGFLASH_CUDA_FWD=v2-overlap (hd64/hd128, A/B): the 128-query CTA issuing its next tile's first
-// QKᵀ before the current tile's epilogue. (The 192-query CTA spills with it: 288 bytes at 160
-// registers a thread.)
-template <typename Element, int kDqk, int kDv>
-struct FwdKernelOverlap : FwdKernelBase<Element, kDqk, kDv, 2, 2, false, false, false, true> {};
 
 // The default kernel on the dynamic schedule (LONGFLASH_CUDA_FWD=+dynamic): persistent and
 // balanced under causal masks, at the cost of one global atomic per tile.

@@ -1,6 +1,6 @@
 // Host side of the sm90 forward: builds the TMA descriptors and launches one CTA per tile or a
-// persistent grid of one CTA per SM (FwdArgs::fwd_grid), with the kernel FwdArgs::fwd_version
-// names (api.cpp fwd_kernel).
+// persistent grid of one CTA per SM (FwdArgs::fwd_grid), with the hd64 v3 and ping-pong kernels
+// when FwdArgs::fwd_version asks for them.
 // Included only by the generated instantiation units. Target: sm_90a.
 #pragma once
 
@@ -76,11 +76,6 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
     }
     if (a.fwd_version == kFwdV3NoPingPong) {
       return launch_fwd_kernel<FwdKernelV3<Element, kDqk, kDv, false>>(a, stream);
-    }
-  }
-  if constexpr (kDqk == kDv && (kDqk == 64 || kDqk == 128)) {
-    if (a.fwd_version == kFwdV2Overlap) {
-      return launch_fwd_kernel<FwdKernelOverlap<Element, kDqk, kDv>>(a, stream);
     }
   }
   if (a.fwd_grid == kFwdGridDynamic) {

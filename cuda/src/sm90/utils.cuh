@@ -27,15 +27,12 @@ constexpr bool fits_register_split(int threads, int producer_regs, int consumer_
 
 // One warpgroup MMA over all k-blocks of its operands. kARegs: A comes from registers (RS), whose
 // registers must be fenced like the accumulator. kWait < 0 returns with the batch still in flight.
-// zero_init: the product overwrites tC instead of adding to it (decided at run time: an
-// accumulator may not be cleared by ordinary instructions while other wgmmas are in flight).
-template <int kWait, bool kARegs, class TiledMma, class TA, class TB, class TC>
-__device__ __forceinline__ void wg_gemm(TiledMma& mma, TA const& tA, TB const& tB, TC& tC,
-                                        bool zero_init) {
+template <bool kZeroInit, int kWait, bool kARegs, class TiledMma, class TA, class TB, class TC>
+__device__ __forceinline__ void wg_gemm(TiledMma& mma, TA const& tA, TB const& tB, TC& tC) {
   if constexpr (kARegs) warpgroup_fence_operand(const_cast<TA&>(tA));
   warpgroup_fence_operand(tC);
   warpgroup_arrive();
-  mma.accumulate_ = zero_init ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+  mma.accumulate_ = kZeroInit ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
   CUTLASS_PRAGMA_UNROLL
   for (int kb = 0; kb < size<2>(tA); ++kb) {
     cute::gemm(mma, tA(_, _, kb), tB(_, _, kb), tC);
@@ -45,11 +42,6 @@ __device__ __forceinline__ void wg_gemm(TiledMma& mma, TA const& tA, TB const& t
   if constexpr (kWait >= 0) warpgroup_wait<kWait>();
   warpgroup_fence_operand(tC);
   if constexpr (kARegs) warpgroup_fence_operand(const_cast<TA&>(tA));
-}
-
-template <bool kZeroInit, int kWait, bool kARegs, class TiledMma, class TA, class TB, class TC>
-__device__ __forceinline__ void wg_gemm(TiledMma& mma, TA const& tA, TB const& tB, TC& tC) {
-  wg_gemm<kWait, kARegs>(mma, tA, tB, tC, kZeroInit);
 }
 
 // Accumulator ((2,2,N/8), M, N) viewed as rows x cols: ((2,M), (2,N/8,N)). Thread t of a warpgroup

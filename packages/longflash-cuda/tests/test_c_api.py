@@ -460,9 +460,6 @@ def test_forward_plan_by_shape(monkeypatch, d, n, window, varlen, want):
         ("+dynamic", 128, "v2+dynamic"),
         ("+dynamic", 64, "v3-no-pingpong+persistent"),  # v3 has no dynamic schedule
         ("v3-emu", 128, "v2+persistent"),  # the v3 kernels exist at hd64 only
-        ("v2-overlap", 128, "v2-overlap+persistent"),
-        ("v2-overlap+dynamic", 64, "v2-overlap+persistent"),  # no dynamic version
-        ("v2-overlap", 256, "v2+persistent"),  # hd64 and hd128 only
         ("default", 64, "v3-no-pingpong+persistent"),
     ],
 )

@@ -302,7 +302,7 @@ def _fwd_ref64(q, k, v, scale, window, softcap):
     return torch.einsum("bhqk,bkhd->bqhd", p, vd.repeat_interleave(g, 2)), lse
 
 
-@pytest.mark.parametrize("variant", ["v3", "v3-no-pingpong", "v3-emu", "v2", "v2-overlap"])
+@pytest.mark.parametrize("variant", ["v3", "v3-no-pingpong", "v3-emu", "v2"])
 @pytest.mark.parametrize(
     "dtype,b,nq,nk,hq,hk,causal,window,softcap,varlen",
     [
@@ -329,8 +329,7 @@ def test_forward_v3_hd64_matches_float64(
     monkeypatch, variant, dtype, b, nq, nk, hq, hk, causal, window, softcap, varlen
 ):
     """The hd64 forward kernels, each forced by LONGFLASH_CUDA_FWD (v3*: 192-query CTAs, three
-    consumer warpgroups; v2: 128-query CTAs, two; v2-overlap: v2 issuing each tile's first QKᵀ
-    before the previous tile's epilogue) against float64, out and lse, with
+    consumer warpgroups; v2: 128-query CTAs, two) against float64, out and lse, with
     NaN-poisoned memory under the outputs so an unwritten element fails."""
     from longflash_cuda import _lib, _torch
 
@@ -339,10 +338,6 @@ def test_forward_v3_hd64_matches_float64(
     if (64, 64) not in _lib.compiled_head_dims(_lib.load()[0])[key]:
         pytest.skip(f"hd64 {key} is not in this build")
     monkeypatch.setenv("LONGFLASH_CUDA_FWD", variant)
-    if variant == "v2-overlap":
-        # on 3 persistent CTAs each walks many tiles: the hand-over is what differs from v2
-        monkeypatch.setenv("LONGFLASH_CUDA_FWD", "v2-overlap+persistent")
-        monkeypatch.setenv("LONGFLASH_CUDA_FWD_CTAS", "3")
     torch.manual_seed(0)
     kw = dict(causal=causal, window=window, softcap=softcap)
     q, k, v, call, cu = _forward_inputs(64, b, nq, nk, hq, hk, dt, varlen, **kw)
@@ -372,9 +367,7 @@ def test_forward_v3_hd64_matches_float64(
     assert (lse.double()[~empty] - ref_lse[~empty]).abs().max().item() < 1e-2
 
 
-_HD64_FWD_VARIANTS = ["default", "v3-no-pingpong", "v3", "v2", "v2-overlap"]
-# the forward kernels each head dim has besides the default (api.cpp fwd_kernel)
-_PERSISTENT_VARIANTS = {64: _HD64_FWD_VARIANTS, 128: ["default", "v2-overlap"]}
+_HD64_FWD_VARIANTS = ["default", "v3-no-pingpong", "v3", "v2"]
 _PERSISTENT_CASES = [
     # d, b, nq, nk, hq, hk, causal, window, varlen
     # several rounds of the persistent grid (132 CTAs on an H200): 2 x 16 x 8 = 256 tiles
@@ -395,7 +388,7 @@ _PERSISTENT_CASES = [
     [
         (fwd, *case)
         for case in _PERSISTENT_CASES
-        for fwd in _PERSISTENT_VARIANTS.get(case[0], ["default"])
+        for fwd in (_HD64_FWD_VARIANTS if case[0] == 64 else ["default"])
     ],
 )
 def test_persistent_forward_equals_one_cta_per_tile(
