@@ -1,5 +1,6 @@
 """A/B timing of the cuda backend's backward variants (LONGFLASH_CUDA_BWD) in one process, next
-to SDPA flash and cuDNN, bf16 H=16 B=1 (causal and not), for each sequence length and head dim.
+to SDPA flash and cuDNN, bf16 H=16 B=1 (causal and not; --tokens/--width: the bench grid's
+B = tokens/N, H = width/D), for each sequence length and head dim.
 
 The variant is read by the library on every call, so one process times them all on the same
 inputs. `timing-no-dq-add` drops v2's dQ reductions (its dQ is wrong): it only measures what the
@@ -19,7 +20,8 @@ pass (drift and position fall on all alike).
     LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so \
     PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src \
         python benchmarks/cuda_bwd_ab.py --out ab.json [--variants v2,v5] \
-            [--seqlens 4096,16384] [--dims 64,128,256]
+            [--seqlens 4096,16384] [--dims 64,128,256] [--tokens 16384 --width 2048]
+    CTA order: --variants default+heads,default+lpt (api.cpp bwd_key_block_major)
     hd256: --dims 256 --variants v2,v6
     hd256 dQ cost: --dims 256 --variants v6,timing-v6-no-dq-add,timing-v6-no-dq
     hd256 per-tile dQ: --dims 256 --variants v6,v8
@@ -52,6 +54,8 @@ def main() -> int:
     ap.add_argument("--variants", default="v2,v5,timing-v5-no-reduce,timing-v5-no-dq-add")
     ap.add_argument("--seqlens", default="16384")
     ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=0, help="B·N (the bench grid's 16384); 0: B = 1")
+    ap.add_argument("--width", type=int, default=0, help="H·D (the bench grid's 2048); 0: --heads")
     ap.add_argument("--dims", default="128")
     ap.add_argument(
         "--rounds", type=int, default=3, help="interleaved passes over all variants (median)"
@@ -64,14 +68,21 @@ def main() -> int:
             # Each variant only where it is its own kernel (elsewhere the library runs v2 for it):
             # v2 and the default everywhere, v6, v8 and timing-v6-* at hd256, v3/v5/v7 and the
             # other timing-* at hd64/hd128.
+            # (a "+lpt" / "+heads" suffix picks the CTA order, not the kernel)
             variants = [
                 v
                 for i, v in enumerate(args.variants.split(","))
                 if i == 0
-                or v in ("v2", "default")
-                or (d == 256 if v in HD256_ONLY or v.startswith("timing-v6-") else d in (64, 128))
+                or (kernel := v.split("+")[0]) in ("v2", "default", "")
+                or (
+                    d == 256
+                    if kernel in HD256_ONLY or kernel.startswith("timing-v6-")
+                    else d in (64, 128)
+                )
             ]
-            rows += measure(n, args.heads, d, variants, args.rounds)
+            b = max(1, args.tokens // n) if args.tokens else 1
+            h = args.width // d if args.width else args.heads
+            rows += measure(b, n, h, d, variants, args.rounds)
             report["timings"] = rows
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
@@ -87,21 +98,21 @@ def main() -> int:
     return 0
 
 
-def measure(n: int, h: int, d: int, variants: list[str], rounds: int) -> list[dict]:
+def measure(b: int, n: int, h: int, d: int, variants: list[str], rounds: int) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.manual_seed(0)
-    q = torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn_like(q)
     v = torch.randn_like(q)
     qt, kt, vt = (x.transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
     rows = []
     for causal in (False, True):
-        flops = 2.5 * 4 * n * n * h * d * (0.5 if causal else 1.0)
+        flops = 2.5 * 4 * b * n * n * h * d * (0.5 if causal else 1.0)
         call = lft.make_call(q, k, v, causal=causal)
         out, lse = _torch.forward(call, q, k, v)
         dout = torch.randn_like(out)
-        row = {"causal": causal, "N": n, "H": h, "D": d, "rounds": rounds}
+        row = {"causal": causal, "B": b, "N": n, "H": h, "D": d, "rounds": rounds}
         ref = None
         cases = {}
         for var in variants:

@@ -273,8 +273,10 @@ int bwd_version() {
   // memcheck and racecheck passed; 1.02-1.12x v5) and v8 at hd256 (every hd256 check and both
   // sanitizers; 1.42-1.59x v6), benchmarks/NOTES-cuda.md "v7", "v8". The launcher sends the
   // shapes neither covers to v2.
-  char const* e = std::getenv("LONGFLASH_CUDA_BWD");
-  if (e == nullptr || *e == '\0') return kBwdDefault;
+  char const* env = std::getenv("LONGFLASH_CUDA_BWD");
+  if (env == nullptr || *env == '\0') return kBwdDefault;
+  std::string const name(env, std::strcspn(env, "+"));  // "+<order>" is bwd_head_group's
+  char const* e = name.c_str();
   if (std::strcmp(e, "v2") == 0 || std::strcmp(e, "2") == 0) return 2;
   if (std::strcmp(e, "v3") == 0 || std::strcmp(e, "3") == 0) return 3;
   if (std::strcmp(e, "timing-no-dq-add") == 0) return kBwdTimingNoDqAdd;
@@ -293,6 +295,42 @@ int bwd_version() {
   if (std::strcmp(e, "v8") == 0 || std::strcmp(e, "8") == 0) return kBwdV8;
   if (std::strcmp(e, "v4") == 0 || std::strcmp(e, "4") == 0) return 5;
   return kBwdDefault;
+}
+
+// The backward's CTA order (BwdArgs::head_group, sm90 bwd_block). The hardware starts CTAs in
+// linear block order. Head-major (each head's key blocks in a row) keeps the CTAs in flight on a
+// few heads, whose Q, dO and fp32 dQ accumulator stay in L2. But under a causal mask key block 0
+// sees every query and the last one few, so the last heads' heavy blocks start late and leave a
+// tail (a list-scheduling model of 132 SMs: 6% of a 4K causal call). Grouping the (sequence, kv
+// head) pairs G at a time, key block outermost inside a group, starts a group's heavy blocks
+// first. On the H200 (NOTES-cuda.md "Backward CTA order") groups of 4 ran 1.02-1.04x head-major
+// at 4K causal (hd64-hd256) and 1.02x at hd128 16K causal, whose 4 pairs' queries hold 64 MiB of
+// Q, dO and accumulator; at hd256 16K causal (128 MiB) they lost 5%, and all pairs in one group
+// lost up to 37% (L2). So causal and windowed calls run groups of kBwdHeadGroup pairs while those
+// bytes fit kBwdGroupBytes, else head-major, as are calls without a band (blocks cost the same).
+// LONGFLASH_CUDA_BWD's "+heads" or "+group<G>" suffix (e.g. "default+group8") forces an order.
+// The result is what the launcher uses: at most the number of pairs, at most kBwdMaxGroup (so
+// that key blocks x G fits gridDim.x), 0 where the groups would overflow gridDim.y.
+constexpr int kBwdHeadGroup = 4;
+constexpr int64_t kBwdGroupBytes = int64_t(64) << 20;
+constexpr int kBwdMaxGroup = 32;
+int bwd_head_group(AttnShape const& s) {
+  char const* e = std::getenv("LONGFLASH_CUDA_BWD");
+  char const* suffix = e == nullptr ? nullptr : std::strchr(e, '+');
+  int g = 0;
+  if (suffix != nullptr && std::strcmp(suffix, "+heads") == 0) {
+    g = 0;
+  } else if (suffix != nullptr && std::strncmp(suffix, "+group", 6) == 0) {
+    g = std::atoi(suffix + 6);
+  } else if (s.window_left >= 0 || s.window_right >= 0) {
+    // queries of one pair: Q and dO (2 bytes per element) and the fp32 dQ accumulator
+    int64_t const pair_bytes =
+        int64_t(s.heads_q / s.heads_k) * s.seqlen_q * (2 * s.dqk + 2 * s.dv + 4 * s.dqk);
+    g = kBwdHeadGroup * pair_bytes <= kBwdGroupBytes ? kBwdHeadGroup : 0;
+  }
+  int64_t const pairs = int64_t(s.heads_k) * s.batch;
+  g = int(std::min<int64_t>({int64_t(std::max(g, 0)), pairs, kBwdMaxGroup}));
+  return g > 0 && (pairs + g - 1) / g <= kMaxGridYZ ? g : 0;
 }
 
 // Forward kernel from LONGFLASH_CUDA_FWD = <kernel>[+<grid>]: <kernel> is "v2" (128-query CTAs,
@@ -449,6 +487,11 @@ lf_status lf_check_device(int device) {
 
 lf_status lf_check_params(const lf_attention_params* params) { return check_params(params); }
 
+int lf_backward_head_group(const lf_attention_params* params) {
+  if (check_params(params, /*require_compiled=*/false) != LF_SUCCESS) return -1;
+  return bwd_head_group(make_shape(*params));
+}
+
 const char* lf_forward_plan(const lf_attention_params* params) {
   if (check_params(params, /*require_compiled=*/false) != LF_SUCCESS) return nullptr;
   AttnShape const s = make_shape(*params);
@@ -560,6 +603,7 @@ lf_status lf_attention_backward(const lf_attention_params* params, lf_tensor q, 
   }
   a.lse = lse;
   a.bwd_version = bwd_version();
+  a.head_group = bwd_head_group(a.s);
   a.ws = bwd_workspace(p, a.bwd_version);
   if (workspace_bytes < a.ws.total) {
     return fail(LF_ERROR_WORKSPACE, "workspace is %zu bytes, the call needs %zu "

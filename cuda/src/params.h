@@ -96,6 +96,9 @@ struct BwdArgs {
   // runs); kBwdV8 = v6 with the per-tile accumulator (hd256, else v2); kBwdDefault = v7 at
   // hd64/hd128, v8 at hd256, v2 elsewhere.
   int bwd_version;
+  // v5-v8: 0 launches each head's key blocks in a row; G > 0 the (sequence, kv head) pairs in
+  // groups of G, each group key block outermost (api.cpp bwd_head_group; sm90 bwd_block).
+  int head_group;
 };
 
 // LONGFLASH_CUDA_BWD=timing-no-dq-add: the backward without its dQ reductions (dQ comes out wrong).

@@ -31,7 +31,7 @@ extern "C" {
 #define LF_API __attribute__((visibility("default")))
 #endif
 
-#define LONGFLASH_API_VERSION 2  /* 2: lf_forward_plan */
+#define LONGFLASH_API_VERSION 3  /* 2: lf_forward_plan; 3: lf_backward_head_group */
 
 typedef enum lf_status {
   LF_SUCCESS = 0,
@@ -94,6 +94,13 @@ LF_API lf_status lf_check_params(const lf_attention_params* params);
    this build compiled the head dim; NULL when the params are invalid (lf_last_error says why).
    No device access. Valid until the next call in this thread. */
 LF_API const char* lf_forward_plan(const lf_attention_params* params);
+
+/* The CTA order the backward (v5-v8) would launch with these params: 0 when each head's key
+   blocks start in a row, G > 0 when the (sequence, kv head) pairs start in groups of G, key
+   block outermost in a group (causal/window calls whose groups' queries fit in L2, or the
+   LONGFLASH_CUDA_BWD suffix "+heads" / "+group<G>"); -1 when the params are invalid. No device
+   access. */
+LF_API int lf_backward_head_group(const lf_attention_params* params);
 
 /* Workspace bytes the call needs (may be 0; then workspace may be NULL). No device access. */
 LF_API lf_status lf_attention_forward_workspace_size(const lf_attention_params* params,

@@ -55,6 +55,30 @@ __device__ __forceinline__ int query_block_at(int i, int m_lo, int count, int ro
   return m_lo + (j >= count ? j - count : j);
 }
 
+// The CTA's key block, kv head and sequence in a grid launched by bwd_grid. head_group 0: x = key
+// block, y = kv head, z = sequence, so each head's key blocks start in a row (the hardware starts
+// CTAs in linear block order). head_group G > 0: the (sequence, kv head) pairs in groups of G, y =
+// group, x = key block · G + pair in the group, so a group's first (under a causal mask, heaviest)
+// key blocks all start before any second one (api.cpp bwd_head_group). Pairs past the last one
+// (b >= batch) have no work. v5-v8 only.
+struct BwdBlock {
+  int n_block, hk, b;
+};
+__device__ __forceinline__ BwdBlock bwd_block(int head_group, int heads_k) {
+  if (head_group == 0) return {int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
+  int const pair = int(blockIdx.y) * head_group + int(blockIdx.x) % head_group;
+  return {int(blockIdx.x) / head_group, pair % heads_k, pair / heads_k};
+}
+// The grid of n_blocks key blocks per head in the order of a.head_group (api.cpp bwd_head_group
+// keeps G at most the pair count and 32, and the group count within gridDim.y).
+inline dim3 bwd_grid(BwdArgs const& a, int n_blocks) {
+  AttnShape const& s = a.s;
+  int const g = a.head_group;
+  if (g == 0) return dim3(unsigned(n_blocks), unsigned(s.heads_k), unsigned(s.batch));
+  int const pairs = s.heads_k * s.batch;
+  return dim3(unsigned(n_blocks * g), unsigned((pairs + g - 1) / g), 1u);
+}
+
 template <typename Element_, int kDqk_, int kDv_>
 struct BwdKernel {
   using Element = Element_;

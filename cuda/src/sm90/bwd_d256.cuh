@@ -177,13 +177,15 @@ struct BwdKernelD256 {
     float scale_log2;
     float softcap;
     float softcap_scale;
+    int head_group;  // the grid's order (bwd_block)
   };
 
   static __device__ __forceinline__ void run(Params const& p, char* smem_raw) {
     SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
     int const wg = threadIdx.x / 128;
-    int const n_block = blockIdx.x;
-    SeqInfo const seq(p.s, blockIdx.z);
+    auto const [n_block, hk, b] = bwd_block(p.head_group, p.s.heads_k);
+    if (b >= p.s.batch) return;  // a grouped grid's last group may be short (bwd_block)
+    SeqInfo const seq(p.s, b);
     int const j0 = n_block * kBlockN;
     if (j0 >= seq.len_k) return;
     BandMask const band{seq.off, p.s.window_left, p.s.window_right, seq.len_q, seq.len_k};
@@ -216,10 +218,10 @@ struct BwdKernelD256 {
       cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
       if (m_lo <= m_hi) {
         if (threadIdx.x == 0) {
-          produce_kv_qdo<BwdKernelD256>(p, ss, seq, blockIdx.x, blockIdx.y, m_lo, m_hi);
+          produce_kv_qdo<BwdKernelD256>(p, ss, seq, n_block, hk, m_lo, m_hi);
         } else if (threadIdx.x / 32 == 2) {
-          load_stats_rows<BwdKernelD256>(p, ss, seq, threadIdx.x % 32, blockIdx.x, blockIdx.y,
-                                         blockIdx.z, m_lo, m_hi);
+          load_stats_rows<BwdKernelD256>(p, ss, seq, threadIdx.x % 32, n_block, hk, b, m_lo,
+                                         m_hi);
         } else if (kTileDq && threadIdx.x == 32) {
           write_dq_tiles(p, ss, seq, m_lo, m_hi);
         }
@@ -274,12 +276,13 @@ struct BwdKernelD256 {
   // (dq_first_tile).
   static __device__ __forceinline__ void write_dq_tiles(Params const& p, SharedStorage& ss,
                                                         SeqInfo const& seq, int m_lo, int m_hi) {
+    auto const [n_block, hk, b] = bwd_block(p.head_group, p.s.heads_k);
     int const count = m_hi - m_lo + 1;
-    int const rot = blockIdx.x % count;  // the consumers' rotation (consume)
+    int const rot = n_block % count;  // the consumers' rotation (consume)
     int const group = p.s.heads_q / p.s.heads_k;
     int64_t const tile_stride = int64_t(p.s.heads_q) * kTileFloats;  // next query tile
-    float* head_base = p.dq_accum + dq_tile_offset(p.s, blockIdx.z, seq.start_q, 0,
-                                                   int(blockIdx.y) * group, kBlockM, kD);
+    float* head_base =
+        p.dq_accum + dq_tile_offset(p.s, b, seq.start_q, 0, hk * group, kBlockM, kD);
     uint32_t const q0 = static_cast<uint32_t>(__cvta_generic_to_shared(ss.q.data()));
     uint32_t const do0 = static_cast<uint32_t>(__cvta_generic_to_shared(ss.dout.data()));
     uint32_t const full0 = static_cast<uint32_t>(__cvta_generic_to_shared(&ss.dq_full[0][0]));
@@ -323,8 +326,7 @@ struct BwdKernelD256 {
                                                  SeqInfo const& seq, BandMask const& band, int w,
                                                  int m_lo, int m_hi) {
     int const tid = threadIdx.x % 128;
-    int const n_block = blockIdx.x;
-    int const hk = blockIdx.y;
+    auto const [n_block, hk, b] = bwd_block(p.head_group, p.s.heads_k);
     int const group = p.s.heads_q / p.s.heads_k;
     int const count = m_hi - m_lo + 1;
     int const rot = count <= 0 ? 0 : n_block % count;

@@ -30,6 +30,7 @@ cudaError_t launch_bwd_v5(BwdArgs const& a, DqMode mode, cudaStream_t stream) {
   constexpr int kDqk = K::kDqk;
   constexpr int kDv = K::kDv;
   AttnShape const& s = a.s;
+  dim3 const grid = bwd_grid(a, (s.seqlen_k + K::kBlockN - 1) / K::kBlockN);
   typename K::Params const p{
       make_tma_copy(SM90_TMA_LOAD{},
                     gmem_view<Element>(a.q, s.rows_q, kDqk, s.heads_q, s.tma_batch),
@@ -60,12 +61,12 @@ cudaError_t launch_bwd_v5(BwdArgs const& a, DqMode mode, cudaStream_t stream) {
       s.softcap,
       s.softcap > 0.f ? s.scale / s.softcap : 0.f,
       mode,
+      a.head_group,
   };
   auto kernel = bwd_kernel_v5<K>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          K::kSmemBytes);
   if (err != cudaSuccess) return err;
-  dim3 grid((s.seqlen_k + K::kBlockN - 1) / K::kBlockN, s.heads_k, s.batch);
   kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
@@ -75,6 +76,7 @@ template <typename Element, D256Dq kDqMode = D256Dq::kReduce>
 cudaError_t launch_bwd_d256(BwdArgs const& a, cudaStream_t stream) {
   using K = BwdKernelD256<Element, kDqMode>;
   AttnShape const& s = a.s;
+  dim3 const grid = bwd_grid(a, (s.seqlen_k + K::kBlockN - 1) / K::kBlockN);
   typename K::Params const p{
       make_tma_copy(SM90_TMA_LOAD{}, gmem_view<Element>(a.q, s.rows_q, 256, s.heads_q, s.tma_batch),
                     take<0, 2>(typename K::SmemLayoutQ{}), Shape<Int<K::kBlockM>, _256>{}, _1{}),
@@ -100,12 +102,12 @@ cudaError_t launch_bwd_d256(BwdArgs const& a, cudaStream_t stream) {
       (s.softcap > 0.f ? 1.f : s.scale) * kLog2e,
       s.softcap,
       s.softcap > 0.f ? s.scale / s.softcap : 0.f,
+      a.head_group,
   };
   auto kernel = bwd_kernel_d256<K>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          K::kSmemBytes);
   if (err != cudaSuccess) return err;
-  dim3 grid((s.seqlen_k + K::kBlockN - 1) / K::kBlockN, s.heads_k, s.batch);
   kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }

@@ -377,14 +377,14 @@ struct BwdKernelV5Impl {
     float softcap;
     float softcap_scale;
     DqMode dq_mode;
+    int head_group;  // the grid's order (bwd_block)
   };
 
   static __device__ __forceinline__ void run(Params const& p, char* smem_raw) {
     SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
     int const wg = threadIdx.x / 128;
-    int const n_block = blockIdx.x;
-    int const hk = blockIdx.y;
-    int const b = blockIdx.z;
+    auto const [n_block, hk, b] = bwd_block(p.head_group, p.s.heads_k);
+    if (b >= p.s.batch) return;  // a grouped grid's last group may be short (bwd_block)
     SeqInfo const seq(p.s, b);
     int const j0 = n_block * kBlockN;
     if (j0 >= seq.len_k) return;
@@ -445,9 +445,7 @@ struct BwdKernelV5Impl {
   // writer warp: sharing it with the producer's branch made ptxas spill.
   static __device__ __forceinline__ void load_stats(Params const& p, SharedStorage& ss) {
     int const lane = threadIdx.x % 32;
-    int const n_block = blockIdx.x;
-    int const hk = blockIdx.y;
-    int const b = blockIdx.z;
+    auto const [n_block, hk, b] = bwd_block(p.head_group, p.s.heads_k);
     SeqInfo const seq(p.s, b);
     int m_lo, m_hi;
     query_range(p, seq, n_block, m_lo, m_hi);
@@ -466,9 +464,8 @@ struct BwdKernelV5Impl {
   // branch made ptxas spill in the producer (24 registers).
   static __device__ __forceinline__ void write_dq(Params const& p, SharedStorage& ss) {
     static_assert(kDqBufs == 2 && kBlockM == 64 * kWriterWarps, "two buffers, two rows per lane");
-    int const n_block = blockIdx.x;
-    int const hk = blockIdx.y;
-    SeqInfo const seq(p.s, blockIdx.z);
+    auto const [n_block, hk, b] = bwd_block(p.head_group, p.s.heads_k);
+    SeqInfo const seq(p.s, b);
     int m_lo, m_hi;
     query_range(p, seq, n_block, m_lo, m_hi);
     int const lane = threadIdx.x % 32;
@@ -526,9 +523,7 @@ struct BwdKernelV5Impl {
   // sequence's own tiles (dq_first_tile), which no other sequence touches.
   static __device__ __forceinline__ void write_dq_tiles(Params const& p, SharedStorage& ss) {
     static_assert(kDqBufs == 2, "two buffers");
-    int const n_block = blockIdx.x;
-    int const hk = blockIdx.y;
-    int const b = blockIdx.z;
+    auto const [n_block, hk, b] = bwd_block(p.head_group, p.s.heads_k);
     SeqInfo const seq(p.s, b);
     int m_lo, m_hi;
     query_range(p, seq, n_block, m_lo, m_hi);

@@ -204,10 +204,21 @@ def _bwd_bytes(p: _lib.Params) -> int:
     "d, rows, tiled, untiled",
     [
         # v7 (the default there, and LONGFLASH_CUDA_BWD=v7) at hd128 and hd64
-        (128, 64, ("v7", "timing-v7-no-reduce", ""), ("v5", "v2", "v8")),
-        (64, 128, ("v7", "timing-v7-no-reduce", ""), ("v5", "v2", "v8")),
+        # (a "+heads" / "+group<G>" suffix picks the CTA order only, never the kernel)
+        (
+            128,
+            64,
+            ("v7", "timing-v7-no-reduce", "", "v7+heads", "default+group4"),
+            ("v5", "v2", "v8", "v5+group2", "v2+heads"),
+        ),
+        (
+            64,
+            128,
+            ("v7", "timing-v7-no-reduce", "", "v7+group8", "+heads"),
+            ("v5", "v2", "v8", "v5+heads"),
+        ),
         # v8 (the default there) at hd256
-        (256, 64, ("v8", ""), ("v6", "v2", "v7")),
+        (256, 64, ("v8", "", "v8+group4", "default+heads"), ("v6", "v2", "v7", "v6+group4")),
     ],
 )
 def test_workspace_sizes_tile_accumulator(monkeypatch, d, rows, tiled, untiled):
@@ -471,3 +482,62 @@ def test_forward_plan_follows_the_variable(monkeypatch, env, d, want):
 def test_forward_plan_of_bad_params_is_null():
     assert plan(params(heads_q=3, heads_k=2)) is None
     assert "multiple" in last_error()
+
+
+def head_group(**kw) -> int:
+    return lib.lf_backward_head_group(ctypes.byref(params(**kw)))
+
+
+@pytest.mark.parametrize(
+    "d, n, b, hq, hk, window, want",
+    [
+        # the bench grid (B·N = 16K, H·D = 2048) under a causal mask: groups of 4 pairs while
+        # 4 pairs' Q, dO and fp32 dQ accumulator fit 64 MiB
+        (64, 4096, 4, 32, 32, (-1, 0), 4),
+        (128, 4096, 4, 16, 16, (-1, 0), 4),
+        (128, 16384, 1, 16, 16, (-1, 0), 4),  # 16 MiB a pair: exactly 64 MiB
+        (256, 4096, 4, 8, 8, (-1, 0), 4),
+        (256, 16384, 1, 8, 8, (-1, 0), 0),  # 32 MiB a pair: head-major
+        (128, 16384, 1, 16, 2, (-1, 0), 0),  # GQA: a pair holds 8 query heads
+        (128, 4096, 4, 16, 16, (100, 50), 4),  # any band
+        # no band: every key block costs the same, head-major
+        (128, 4096, 4, 16, 16, (-1, -1), 0),
+        (256, 1024, 16, 8, 8, (-1, -1), 0),
+        # never more groups than pairs
+        (128, 4096, 1, 3, 3, (-1, 0), 3),
+        (128, 4096, 1, 1, 1, (-1, 0), 1),
+    ],
+)
+def test_backward_head_group_by_shape(monkeypatch, d, n, b, hq, hk, window, want):
+    """lf_backward_head_group: the backward's CTA order (api.cpp bwd_head_group), as the
+    launcher uses it; it answers for head dims this build left out too."""
+    monkeypatch.delenv("LONGFLASH_CUDA_BWD", raising=False)
+    kw = dict(head_dim_qk=d, head_dim_v=d, seqlen_q=n, seqlen_k=n, batch=b)
+    kw.update(heads_q=hq, heads_k=hk, window_left=window[0], window_right=window[1])
+    assert head_group(**kw) == want
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ("default+heads", 0),
+        ("v7+group8", 8),
+        ("+group2", 2),
+        ("v2+group0", 0),
+        ("+group1000", 32),  # at most 32 (key blocks x G within gridDim.x)
+        ("+group-3", 0),
+        ("v7", 0),  # no suffix: by shape (no band here)
+    ],
+)
+def test_backward_head_group_follows_the_variable(monkeypatch, env, want):
+    monkeypatch.setenv("LONGFLASH_CUDA_BWD", env)
+    assert head_group(batch=16, heads_q=8, heads_k=8, seqlen_q=4096, seqlen_k=4096) == want
+
+
+def test_backward_head_group_keeps_grid_y_in_range(monkeypatch):
+    """More than 65535 groups would overflow gridDim.y: head-major instead."""
+    monkeypatch.setenv("LONGFLASH_CUDA_BWD", "+group4")
+    many = dict(heads_q=8, heads_k=8, seqlen_q=64, seqlen_k=64)
+    assert head_group(batch=32767, **many) == 4  # 65534 groups of 4 pairs
+    assert head_group(batch=32768, **many) == 0  # 65536
+    assert head_group(heads_q=3, heads_k=2) == -1  # invalid params

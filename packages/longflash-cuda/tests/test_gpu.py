@@ -114,7 +114,10 @@ def test_cuda_graph_and_compile():
     # Each variant at the head dims where it is its own kernel (v5, v7: hd64/hd128, v6, v8:
     # hd256); v2 at hd256 too, as v6's reference path.
     [(v, d) for v in ("v2", "v3", "v5", "v7") for d in (64, 128)]
-    + [("v2", 256), ("v6", 256), ("v8", 256)],
+    + [("v2", 256), ("v6", 256), ("v8", 256)]
+    # both CTA orders (api.cpp bwd_head_group) whatever the mask
+    + [(v, d) for v in ("v7+group3", "v7+heads") for d in (64, 128)]
+    + [("v8+group3", 256), ("v8+heads", 256)],
 )
 @pytest.mark.parametrize(
     "nq,nk,hq,hk,causal,window",
@@ -181,6 +184,39 @@ def test_hd256_dq_timing_variants_change_only_dq(monkeypatch, variant):
     assert dq6.abs().max() > 0 and not dq.any()
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("causal", [True, False])
+def test_backward_cta_order_changes_only_dq_summation(monkeypatch, d, causal):
+    """Head-major and grouped grids (LONGFLASH_CUDA_BWD "+heads" / "+group<G>", api.cpp
+    bwd_head_group) run the same CTAs in another order: dK and dV, each written by one CTA, are
+    bitwise equal; dQ, summed in fp32 by reduces whose order follows the CTAs', agrees to
+    rounding. 3 sequences x 2 kv heads make groups of 4 leave a short last group and groups of
+    6 hold every pair; NaN-poisoned memory under the outputs catches a CTA that never ran."""
+    from longflash.frontends import torch as lft
+    from longflash_cuda import _lib, _torch
+
+    if (d, d) not in _lib.compiled_head_dims(_lib.load()[0])["bfloat16"]:
+        pytest.skip(f"hd{d} bf16 is not in this build")
+    torch.manual_seed(0)
+    q = torch.randn(3, 700, 8, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(3, 900, 2, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    call = lft.make_call(q, k, v, causal=causal)
+    out, lse = _torch.forward(call, q, k, v)
+    dout = torch.randn_like(out)
+    grads = {}
+    for order in ("heads", "group4", "group6", "group1"):
+        monkeypatch.setenv("LONGFLASH_CUDA_BWD", f"default+{order}")
+        poison = torch.full((1 << 26,), float("nan"), device="cuda")
+        del poison
+        grads[order] = _torch.backward(call, dout, q, k, v, out, lse)
+    dq_h, dk_h, dv_h = grads.pop("heads")
+    assert not any(torch.isnan(g).any() for g in (dq_h, dk_h, dv_h))
+    for order, (dq, dk, dv) in grads.items():
+        assert torch.equal(dk, dk_h) and torch.equal(dv, dv_h), order
+        assert dq_h.abs().max() > 0 and _rel(dq, dq_h) < 1e-3, order
+
+
 def _bwd_ref64(q, k, v, dout, scale, causal):
     """float64 (dq, dk, dv) of one dense (1, N, H, D) problem, bottom-right causal or unmasked."""
     qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
@@ -196,7 +232,9 @@ def _bwd_ref64(q, k, v, dout, scale, causal):
     return qd.grad, kd.grad, vd.grad
 
 
-@pytest.mark.parametrize("variant,d", [("v7", 64), ("v7", 128), ("v8", 256)])
+@pytest.mark.parametrize(
+    "variant,d", [("v7", 64), ("v7", 128), ("v8", 256), ("v7+heads", 64), ("v8+group2", 256)]
+)
 @pytest.mark.parametrize(
     "lq,lk,hq,hk,causal",
     [

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 LIB_NAME = "liblongflash_cuda.so"
-API_VERSION = 2
+API_VERSION = 3
 
 LF_SUCCESS = 0
 STATUS_NAMES = {
@@ -84,6 +84,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "lf_check_device": (ctypes.c_int, [ctypes.c_int]),
         "lf_check_params": (ctypes.c_int, [P]),
         "lf_forward_plan": (ctypes.c_char_p, [P]),
+        "lf_backward_head_group": (ctypes.c_int, [P]),
         "lf_attention_forward_workspace_size": (ctypes.c_int, [P, ctypes.POINTER(sz)]),
         "lf_attention_backward_workspace_size": (ctypes.c_int, [P, ctypes.POINTER(sz)]),
         "lf_attention_forward": (ctypes.c_int, [P, T, T, T, T, vp, vp, sz, vp]),
