@@ -10,6 +10,9 @@ import os
 
 # Must be set before longflash selects a backend: the CPU runs Pallas only when asked.
 os.environ.setdefault("LONGFLASH_PALLAS_INTERPRET", "1")
+# Several xdist workers share one GPU: JAX allocates on demand instead of taking 75% of the
+# memory in each process (see packages/longflash-cuda/tests/conftest.py).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np  # noqa: E402
 
