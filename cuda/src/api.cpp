@@ -300,7 +300,7 @@ int bwd_version() {
 // The backward's CTA order (BwdArgs::head_group, sm90 bwd_block). The hardware starts CTAs in
 // linear block order. Head-major (each head's key blocks in a row) keeps the CTAs in flight on a
 // few heads, whose Q, dO and fp32 dQ accumulator stay in L2. But under a causal mask key block 0
-// sees every query and the last one few, so the last heads' heavy blocks start late and leave a
+// sees every query and the last one a few, so the last heads' heavy blocks start late and leave a
 // tail (a list-scheduling model of 132 SMs: 6% of a 4K causal call). Grouping the (sequence, kv
 // head) pairs G at a time, key block outermost inside a group, starts a group's heavy blocks
 // first. On the H200 (NOTES-cuda.md "Backward CTA order") groups of 4 ran 1.02-1.04x head-major
