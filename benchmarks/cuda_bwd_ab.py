@@ -21,7 +21,7 @@ pass (drift and position fall on all alike).
     PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src \
         python benchmarks/cuda_bwd_ab.py --out ab.json [--variants v2,v5] \
             [--seqlens 4096,16384] [--dims 64,128,256] [--tokens 16384 --width 2048]
-    CTA order: --variants default+heads,default+lpt (api.cpp bwd_key_block_major)
+    CTA order: --variants default+heads,default,default+group8 (api.cpp bwd_head_group)
     hd256: --dims 256 --variants v2,v6
     hd256 dQ cost: --dims 256 --variants v6,timing-v6-no-dq-add,timing-v6-no-dq
     hd256 per-tile dQ: --dims 256 --variants v6,v8
@@ -68,7 +68,7 @@ def main() -> int:
             # Each variant only where it is its own kernel (elsewhere the library runs v2 for it):
             # v2 and the default everywhere, v6, v8 and timing-v6-* at hd256, v3/v5/v7 and the
             # other timing-* at hd64/hd128.
-            # (a "+lpt" / "+heads" suffix picks the CTA order, not the kernel)
+            # (a "+heads" / "+group<G>" suffix picks the CTA order, not the kernel)
             variants = [
                 v
                 for i, v in enumerate(args.variants.split(","))
