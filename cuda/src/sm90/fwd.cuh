@@ -182,14 +182,26 @@ struct FwdKernelBase {
   // (empty: n_lo > n_hi). False when the sequence has no row in the tile (varlen: shorter than
   // the grid's longest). Producer and consumers call it with the same tile, so they agree on
   // which tiles load Q and how many K/V blocks each walks.
+  // With kEndAligned the tiles are aligned to the sequence's end: tile m starts at row
+  // m·kBlockM − pad, where pad (< kBlockM) tops the sequence up to whole tiles, so the one partial
+  // tile is the first and its rows i0 .. −1 lie before the sequence (loaded as TMA zero fill or a
+  // neighbour's rows, never stored). Under a bottom-right causal mask the first tile sees the
+  // fewest keys: at 4K queries in 192-query tiles, a partial last tile ran 2 of its 3 warpgroups
+  // over all 32 key blocks for rows past the end, 5.5% of the call's tensor-core work (measured:
+  // hd64 4K causal 382 -> 402 TFLOP/s). Only for the 192-query CTA: with 128 rows on 128-key
+  // blocks, start-aligned tiles meet the diagonal in one block each, and shifting them by the pad
+  // put it across two (1000 queries, causal: 228 -> 181 TFLOP/s); with 128 rows on hd192's
+  // 96-key blocks it lost 3.5% at 1000 queries, causal (the same work, more masked blocks).
+  static constexpr bool kEndAligned = kConsumerWGs == 3;
   static __device__ __forceinline__ bool tile_keys(Params const& p, int m_block, int b,
-                                                   SeqInfo& seq, BandMask& band, int& n_lo,
-                                                   int& n_hi) {
+                                                   SeqInfo& seq, BandMask& band, int& i0,
+                                                   int& n_lo, int& n_hi) {
     seq = SeqInfo(p.s, b);
-    int const i0 = m_block * kBlockM;
-    if (i0 >= seq.len_q) return false;
+    if (m_block * kBlockM >= seq.len_q) return false;
+    int const pad = kEndAligned ? (kBlockM - seq.len_q % kBlockM) % kBlockM : 0;
+    i0 = m_block * kBlockM - pad;
     band = BandMask{seq.off, p.s.window_left, p.s.window_right, seq.len_q, seq.len_k};
-    band.key_blocks(i0, min(i0 + kBlockM, seq.len_q) - 1, kBlockN, n_lo, n_hi);
+    band.key_blocks(max(i0, 0), min(i0 + kBlockM, seq.len_q) - 1, kBlockN, n_lo, n_hi);
     return true;
   }
 
@@ -242,22 +254,22 @@ struct FwdKernelBase {
     uint32_t tile_phase = 0;
     int const rounds = kDynamic ? INT_MAX : tiles.rounds();
     for (int r = 0; r < rounds; ++r) {
-      int m_block, h, b, n_lo, n_hi;
+      int m_block, h, b, i0, n_lo, n_hi;
       SeqInfo seq;
       BandMask band;
       if constexpr (kDynamic) {
         int const idx = fetch_tile(p, ss, r, tile_phase);
         if (idx >= tiles.total) break;
         tiles.decode(idx, m_block, h, b);
-        if (!tile_keys(p, m_block, b, seq, band, n_lo, n_hi) || n_lo > n_hi) continue;
-      } else if (!tiles.get(r, m_block, h, b) || !tile_keys(p, m_block, b, seq, band, n_lo, n_hi) ||
-                 n_lo > n_hi) {
+        if (!tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi) || n_lo > n_hi) continue;
+      } else if (!tiles.get(r, m_block, h, b) ||
+                 !tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi) || n_lo > n_hi) {
         continue;
       }
       int const hk = h / (p.s.heads_q / p.s.heads_k);
-      Tensor gQ =
-          local_tile(domain_offset(make_coord(seq.start_q, _0{}), mQ(_, _, h, seq.tma_batch)),
-                     Shape<Int<kBlockM>, Int<kDqk>>{}, make_coord(m_block, _0{}));
+      Tensor gQ = local_tile(
+          domain_offset(make_coord(seq.start_q + i0, _0{}), mQ(_, _, h, seq.tma_batch)),
+          Shape<Int<kBlockM>, Int<kDqk>>{}, make_coord(_0{}, _0{}));
       Tensor gK =
           local_tile(domain_offset(make_coord(seq.start_k, _0{}), mK(_, _, hk, seq.tma_batch)),
                      Shape<Int<kBlockN>, Int<kDqk>>{}, make_coord(_, _0{}));
@@ -437,16 +449,16 @@ struct FwdKernelBase {
 
     int const rounds = kDynamic ? INT_MAX : tiles.rounds();
     for (int round = 0; round < rounds; ++round) {
-      int m_block, h, b, n_lo, n_hi;
+      int m_block, h, b, i0, n_lo, n_hi;
       SeqInfo seq;
       BandMask band;
       if constexpr (kDynamic) {
         int const idx = receive_tile(ss, tile_phase);
         if (idx >= tiles.total) break;
         tiles.decode(idx, m_block, h, b);
-        if (!tile_keys(p, m_block, b, seq, band, n_lo, n_hi)) continue;
+        if (!tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi)) continue;
       } else if (!tiles.get(round, m_block, h, b) ||
-                 !tile_keys(p, m_block, b, seq, band, n_lo, n_hi)) {
+                 !tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi)) {
         continue;
       }
       float row_max[kRows];
@@ -457,7 +469,6 @@ struct FwdKernelBase {
         row_sum[r] = 0.f;
       }
       clear(tOrO);
-      int const i0 = m_block * kBlockM;
 
       // Softcap, mask and the online-softmax update of one key block's scores (in tSrS, turned
       // into unnormalised probabilities); corr[r] rescales what row r accumulated before.
@@ -539,7 +550,7 @@ struct FwdKernelBase {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(tOrO); i += 2) {
         int const row = i0 + get<0>(cO(i));
-        if (row < seq.len_q) {
+        if (row >= 0 && row < seq.len_q) {
           alignas(4) Element pair[2] = {Element(tOrO(i)), Element(tOrO(i + 1))};
           *reinterpret_cast<uint32_t*>(o_base + int64_t(row) * p.o_seq_stride + get<1>(cO(i))) =
               *reinterpret_cast<uint32_t*>(pair);
@@ -549,7 +560,7 @@ struct FwdKernelBase {
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < kRows; ++r) {
           int const row = i0 + get<0>(cS_rc(r, 0));
-          if (row < seq.len_q) {
+          if (row >= 0 && row < seq.len_q) {
             int64_t const idx = p.s.cu_q != nullptr
                                     ? int64_t(h) * p.s.rows_q + seq.start_q + row
                                     : (int64_t(b) * p.s.heads_q + h) * p.s.seqlen_q + row;
