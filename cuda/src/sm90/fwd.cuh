@@ -548,22 +548,18 @@ struct FwdKernelBase {
       if (n_lo <= n_hi) {
         int n_top = n_hi;  // the last key block this warpgroup computes
         if constexpr (kWgSkip) {
-          int const r0 = i0 + 64 * (tid / 128);
-          int const r1 = min(r0 + 63, seq.len_q - 1);
-          int lo_w = n_lo, hi_w = n_lo - 1;  // rows all before the sequence: none
-          if (r1 >= 0) band.key_blocks(max(r0, 0), r1, kBlockN, lo_w, hi_w);
-          n_top = max(min(n_hi, hi_w), n_lo - 1);
+          // Only a band's top (causal, right window) trims; a warpgroup computes at least block
+          // n_lo (rows that see none of its keys come out 0 / -inf as before), so every path
+          // runs mainloop. (Key ranges per warpgroup from band.key_blocks with a separate
+          // all-skipped path spilled 100 bytes; this form 12.)
+          if (p.s.window_right >= 0) {
+            int const r1 = min(i0 + 64 * (tid / 128) + 63, seq.len_q - 1);  // < 0: no real row
+            n_top = max(min(n_hi, floor_div(r1 + seq.off + p.s.window_right, kBlockN)), n_lo);
+          }
           for (int n = n_hi; n > n_top; --n) skip_block(ss, cs);
         }
-        if (n_lo <= n_top) {
-          mainloop(ss, cs, n_lo, n_top, tid / 128, mma_qk, mma_pv, tSrQ, tSrK, tOrV, tSrS, tOrO,
-                   O_rc, softmax_step);
-        } else {
-          // Nothing to compute: still take this tile's Q turn, so the producer's next Q load
-          // waits for the other warpgroups (its rows are written as out 0, lse -inf).
-          TxBarrier::wait(&ss.bar_q, cs.q_phase);
-          Barrier::arrive(&ss.q_empty);
-        }
+        mainloop(ss, cs, n_lo, n_top, tid / 128, mma_qk, mma_pv, tSrQ, tSrK, tOrV, tSrS, tOrO,
+                 O_rc, softmax_step);
         cs.q_phase ^= 1;
       }
 
