@@ -15,7 +15,6 @@ import argparse
 import collections
 import json
 import re
-import sys
 
 import torch
 from longflash.frontends import torch as lft
@@ -105,7 +104,6 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
-    sys.exit(0)
 
 
 if __name__ == "__main__":

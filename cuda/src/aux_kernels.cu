@@ -181,8 +181,6 @@ TokenMap k_map(AttnShape const& s) {
                                                                       : s.batch * s.seqlen_k};
 }
 
-}  // namespace
-
 template <typename T, int kChunks>
 void launch_preprocess_chunks(BwdArgs const& a, TokenMap const& map, cudaStream_t stream) {
   constexpr int kRowsPerCta = pre_rows_per_cta<kChunks>();
@@ -205,6 +203,8 @@ void launch_preprocess_typed(BwdArgs const& a, TokenMap const& map, cudaStream_t
     launch_preprocess_chunks<T, 4>(a, map, stream);
   }
 }
+
+}  // namespace
 
 cudaError_t launch_bwd_preprocess(BwdArgs const& a, cudaStream_t stream) {
   if (a.s.dv > 8 * kPreLanes * kPreChunksInFlight) return cudaErrorInvalidValue;
