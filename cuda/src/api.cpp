@@ -335,7 +335,7 @@ int bwd_head_group(AttnShape const& s) {
 
 // Forward kernel from LONGFLASH_CUDA_FWD = <kernel>[+<grid>]: <kernel> is "v2" (128-query CTAs,
 // two consumer warpgroups), "v3-no-pingpong" (hd64: 192-query CTAs, three consumer warpgroups),
-// or, for A/B timing, "v3" / "v3-emu" / "v3-skip"; unset, "default" or unknown: kFwdAuto, which fwd_kernel
+// or, for A/B timing, "v3" / "v3-emu"; unset, "default" or unknown: kFwdAuto, which fwd_kernel
 // resolves by shape. The v3 kernels exist at hd64 only; other head dims run v2 whatever this says.
 // The "+<grid>" suffix is fwd_grid's. Read on every call like LONGFLASH_CUDA_BWD.
 int fwd_version() {
@@ -346,7 +346,6 @@ int fwd_version() {
   if (v == "v3" || v == "3") return kFwdV3;
   if (v == "v3-no-pingpong") return kFwdV3NoPingPong;
   if (v == "v3-emu") return kFwdV3ExpEmu;
-  if (v == "v3-skip") return kFwdV3Skip;
   return kFwdAuto;
 }
 
@@ -502,7 +501,6 @@ const char* lf_forward_plan(const lf_attention_params* params) {
     case kFwdV3: plan = "v3"; break;
     case kFwdV3NoPingPong: plan = "v3-no-pingpong"; break;
     case kFwdV3ExpEmu: plan = "v3-emu"; break;
-    case kFwdV3Skip: plan = "v3-skip"; break;
     default: plan = "v2"; break;
   }
   switch (fwd_grid(s)) {

@@ -63,7 +63,6 @@ constexpr int kFwdV2 = 2;
 constexpr int kFwdV3 = 3;
 constexpr int kFwdV3NoPingPong = -3;
 constexpr int kFwdV3ExpEmu = 4;
-constexpr int kFwdV3Skip = 5;  // v3-no-pingpong with per-warpgroup key-block skipping (A/B)
 // The forward's grid when LONGFLASH_CUDA_FWD names none: persistent (one CTA per SM, static
 // schedule) for calls whose tiles all cost the same and for causal calls of at most 32 query
 // blocks per sequence (api.cpp fwd_grid), else one CTA per tile.

@@ -80,12 +80,8 @@ struct FwdTiles {
 // kExpEmu_: 3 of every 16 exponentials of the softmax go to exp2_fma (FMA pipe) so that the
 // MUFU pipe's time per tile drops below the tensor cores' (v3-emu, an A/B variant).
 // kDynamic_: tiles come from the dynamic schedule (Params::tile_counter) instead of the static one.
-// kWgSkip_ (three consumers, no ping-pong): a warpgroup whose 64 rows see no key of the tile's
-// last key blocks skips them (waits for each block, releases it, issues no GEMM), so under a
-// causal mask the 192-query CTA computes 1,056 instead of 1,089 64x128 products per head at 4K.
 template <typename Element_, int kDqk_, int kDv_, int kConsumerWGs_ = 2, int kStages_ = 2,
-          bool kPingPong_ = false, bool kExpEmu_ = false, bool kDynamic_ = false,
-          bool kWgSkip_ = false>
+          bool kPingPong_ = false, bool kExpEmu_ = false, bool kDynamic_ = false>
 struct FwdKernelBase {
   using Element = Element_;
   static constexpr int kDqk = kDqk_;
@@ -100,7 +96,6 @@ struct FwdKernelBase {
   static constexpr bool kPingPong = kPingPong_;
   static constexpr bool kExpEmu = kExpEmu_;
   static constexpr bool kDynamic = kDynamic_;
-  static constexpr bool kWgSkip = kWgSkip_;
   static constexpr int kThreads = 128 * (kConsumerWGs + 1);
   static constexpr int kConsumerThreads = 128 * kConsumerWGs;
   // setmaxnreg split: 128x24 + 256x240 or 128x24 + 384x160, all of the CTA's 168 or 128 registers
@@ -111,8 +106,6 @@ struct FwdKernelBase {
   static_assert(kConsumerWGs == 2 || (kConsumerWGs == 3 && kDqk <= 64 && kDv <= 64),
                 "three consumer warpgroups only fit 160 registers at hd64");
   static_assert(!kPingPong || kConsumerWGs >= 2);
-  // The ping-pong's turn counts assume every warpgroup issues the same GEMMs.
-  static_assert(!kWgSkip || (kConsumerWGs == 3 && !kPingPong));
   static_assert(fits_register_split(kThreads, kProducerRegs, kConsumerRegs));
 
   using AtomLayout = Layout<Shape<Int<kConsumerWGs>, _1, _1>>;
@@ -335,17 +328,6 @@ struct FwdKernelBase {
     uint32_t q_phase = 0;
   };
 
-  // kWgSkip: one key block this warpgroup's rows do not see. It waits for the block's K and V
-  // (so its release counts for this use of the stage, not an older one) and releases them.
-  static __device__ __forceinline__ void skip_block(SharedStorage& ss, ConsumerState& cs) {
-    Barrier::wait(&ss.k_full[cs.st_k.index], cs.st_k.phase);
-    Barrier::arrive(&ss.k_empty[cs.st_k.index]);
-    cs.st_k.advance();
-    Barrier::wait(&ss.v_full[cs.st_v.index], cs.st_v.phase);
-    Barrier::arrive(&ss.v_empty[cs.st_v.index]);
-    cs.st_v.advance();
-  }
-
   // The consumer main loop. K and V walk the same ring; V lags K by one block, since P·V of block
   // n is issued together with QKᵀ of block n-1 and softmax(n-1) runs while both are in flight.
   // With kPingPong each warpgroup's GEMM issue also takes a turn: named barrier 1 + w gates
@@ -546,19 +528,7 @@ struct FwdKernelBase {
       };
 
       if (n_lo <= n_hi) {
-        int n_top = n_hi;  // the last key block this warpgroup computes
-        if constexpr (kWgSkip) {
-          // Only a band's top (causal, right window) trims; a warpgroup computes at least block
-          // n_lo (rows that see none of its keys come out 0 / -inf as before), so every path
-          // runs mainloop. (Key ranges per warpgroup from band.key_blocks with a separate
-          // all-skipped path spilled 100 bytes; this form 12.)
-          if (p.s.window_right >= 0) {
-            int const r1 = min(i0 + 64 * (tid / 128) + 63, seq.len_q - 1);  // < 0: no real row
-            n_top = max(min(n_hi, floor_div(r1 + seq.off + p.s.window_right, kBlockN)), n_lo);
-          }
-          for (int n = n_hi; n > n_top; --n) skip_block(ss, cs);
-        }
-        mainloop(ss, cs, n_lo, n_top, tid / 128, mma_qk, mma_pv, tSrQ, tSrK, tOrV, tSrS, tOrO,
+        mainloop(ss, cs, n_lo, n_hi, tid / 128, mma_qk, mma_pv, tSrQ, tSrK, tOrV, tSrS, tOrO,
                  O_rc, softmax_step);
         cs.q_phase ^= 1;
       }
@@ -613,10 +583,8 @@ struct FwdKernel : FwdKernelBase<Element, kDqk, kDv> {};
 // kPingPong false (v3-no-pingpong): the same without the turn-taking; the hd64 default from 4K
 // queries (api.cpp fwd_kernel).
 // kExpEmu: the same with part of the exponentials on the FMA pipe (exp2_fma).
-template <typename Element, int kDqk, int kDv, bool kPingPong, bool kExpEmu = false,
-          bool kWgSkip = false>
-struct FwdKernelV3
-    : FwdKernelBase<Element, kDqk, kDv, 3, 4, kPingPong, kExpEmu, false, kWgSkip> {};
+template <typename Element, int kDqk, int kDv, bool kPingPong, bool kExpEmu = false>
+struct FwdKernelV3 : FwdKernelBase<Element, kDqk, kDv, 3, 4, kPingPong, kExpEmu> {};
 
 // The default kernel on the dynamic schedule (LONGFLASH_CUDA_FWD=+dynamic): persistent and
 // balanced under causal masks, at the cost of one global atomic per tile.

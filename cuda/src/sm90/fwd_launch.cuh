@@ -77,9 +77,6 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
     if (a.fwd_version == kFwdV3NoPingPong) {
       return launch_fwd_kernel<FwdKernelV3<Element, kDqk, kDv, false>>(a, stream);
     }
-    if (a.fwd_version == kFwdV3Skip) {
-      return launch_fwd_kernel<FwdKernelV3<Element, kDqk, kDv, false, false, true>>(a, stream);
-    }
   }
   if (a.fwd_grid == kFwdGridDynamic) {
     return launch_fwd_kernel<FwdKernelDynamic<Element, kDqk, kDv>>(a, stream);

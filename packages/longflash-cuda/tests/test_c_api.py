@@ -471,8 +471,6 @@ def test_forward_plan_by_shape(monkeypatch, d, n, window, varlen, want):
         ("+dynamic", 128, "v2+dynamic"),
         ("+dynamic", 64, "v3-no-pingpong+persistent"),  # v3 has no dynamic schedule
         ("v3-emu", 128, "v2+persistent"),  # the v3 kernels exist at hd64 only
-        ("v3-skip", 64, "v3-skip+persistent"),
-        ("v3-skip+grid", 128, "v2+grid"),
         ("default", 64, "v3-no-pingpong+persistent"),
     ],
 )
