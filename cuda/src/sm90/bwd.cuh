@@ -460,6 +460,8 @@ struct BwdKernel {
           int const i0 = m * kBlockM;
           bool const full = i0 + kBlockM <= seq.len_q &&
                             band.tile_is_full(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
+          RowBounds<decltype(size<0>(S_rc))::value> const mask(
+              cS_rc, j0, i0, [&](int j, int& lo, int& hi) { band.key_queries(j, lo, hi); });
           // P for dV, and P·(1 - tanh²) (the softcap chain rule) for WG2's dS.
           float pf[decltype(size(accS))::value];
           CUTLASS_PRAGMA_UNROLL
@@ -474,11 +476,7 @@ struct BwdKernel {
                 f = 1.f - t * t;
               }
               float pr = exp2f(s * p.scale_log2 - lse[c]);
-              if (!full) {
-                int const key = j0 + get<0>(cS_rc(r, c));
-                int const query = i0 + get<1>(cS_rc(r, c));
-                if (query >= seq.len_q || !band.visible(query, key)) pr = 0.f;
-              }
+              if (!full && mask.hidden(cS_rc, r, c)) pr = 0.f;
               S_rc(r, c) = pr;
               pf[S_rc.layout()(r, c)] = pr * f;
             }

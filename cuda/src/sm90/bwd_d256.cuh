@@ -241,6 +241,9 @@ struct BwdKernelD256 {
                                                 BandMask const& band, int i0, int j0) {
     constexpr int kRows = decltype(size<0>(S_rc))::value;
     constexpr int kCols = decltype(size<1>(S_rc))::value;
+    RowBounds<kRows> mask(c_rc, i0, j0, [&](int i, int& lo, int& hi) {
+      if constexpr (kMask) band.row_keys(i, lo, hi); else lo = hi = 0;  // unused
+    });
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
       float const l = lse_s[get<0>(c_rc(r, 0))];
@@ -256,9 +259,7 @@ struct BwdKernelD256 {
           g = pr;
         }
         if constexpr (kMask) {
-          int const query = i0 + get<0>(c_rc(r, c));
-          int const key = j0 + get<1>(c_rc(r, c));
-          if (query >= band.len_q || !band.visible(query, key)) {
+          if (mask.hidden(c_rc, r, c)) {
             pr = 0.f;
             g = 0.f;
           }

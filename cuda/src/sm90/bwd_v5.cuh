@@ -599,13 +599,19 @@ struct BwdKernelV5Impl {
         if constexpr (kSoftcap) {
           S_rc(r, c) = tanh_fast(S_rc(r, c) * p.softcap_scale);
         } else {
-          float pr = exp2f(S_rc(r, c) * p.scale_log2 - l);
-          if constexpr (kMask) {
-            int const key = jw0 + get<0>(c_rc(r, c));
-            int const query = i0 + get<1>(c_rc(r, c));
-            if (query >= band.len_q || !band.visible(query, key)) pr = 0.f;
-          }
-          S_rc(r, c) = pr;
+          S_rc(r, c) = exp2f(S_rc(r, c) * p.scale_log2 - l);
+        }
+      }
+    }
+    if constexpr (kMask && !kSoftcap) {
+      RowBounds<kRows> const mask(c_rc, jw0, i0, [&](int j, int& lo, int& hi) {
+        band.key_queries(j, lo, hi);
+      });
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          if (mask.hidden(c_rc, r, c)) S_rc(r, c) = 0.f;
         }
       }
     }

@@ -490,9 +490,15 @@ struct FwdKernelBase {
           full = band.tile_is_full(r0, r0 + 63, j0, j0 + kBlockN - 1);
         }
         if (!full) {
+          RowBounds<kRows> const mask(cS_rc, i0, j0, [&](int i, int& lo, int& hi) {
+            band.row_keys(i, lo, hi);
+          });
           CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < size(tSrS); ++i) {
-            if (!band.visible(i0 + get<0>(cS(i)), j0 + get<1>(cS(i)))) tSrS(i) = -INFINITY;
+          for (int r = 0; r < kRows; ++r) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int c = 0; c < size<1>(S_rc); ++c) {
+              if (mask.hidden(cS_rc, r, c)) S_rc(r, c) = -INFINITY;
+            }
           }
         }
         CUTLASS_PRAGMA_UNROLL

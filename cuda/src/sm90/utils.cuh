@@ -233,6 +233,51 @@ struct BandMask {
   __device__ __forceinline__ bool visible(int i, int j) const {
     return j < len_k && (right < 0 || j - i <= off + right) && (left < 0 || j - i >= off - left);
   }
+
+  // The keys [lo, hi) that query row i sees: (lo <= j && j < hi) == (visible(i, j) && i < len_q)
+  // for every j >= 0; empty (hi = 0) for a row past len_q.
+  __device__ __forceinline__ void row_keys(int i, int& lo, int& hi) const {
+    hi = right >= 0 ? min(len_k, i + off + right + 1) : len_k;
+    lo = left >= 0 ? i + off - left : 0;
+    if (i >= len_q) hi = 0;
+  }
+
+  // The queries [lo, hi) that see key j: (lo <= i && i < hi) == (visible(i, j) && i < len_q) for
+  // every i >= 0; empty (hi = 0) for a key past len_k.
+  __device__ __forceinline__ void key_queries(int j, int& lo, int& hi) const {
+    lo = right >= 0 ? j - off - right : 0;
+    hi = left >= 0 ? min(len_q, j - off + left + 1) : len_q;
+    if (j >= len_k) hi = 0;
+  }
+};
+
+// A band mask over a thread's share of an accumulator, as bounds per row of its row-col view
+// (acc_rowcol): element (r, c) is hidden when its column lies outside row r's [lo, hi). The
+// bounds are kept relative to the thread's first column, so each element's test compares them
+// with a compile-time offset: two compares and a select per element. (BandMask::visible per
+// element compiled to ~12 instructions and 3 branches each, so a diagonal block cost several
+// unmasked ones.) `range(row, lo, hi)` is BandMask::row_keys when rows are queries (Q·Kᵀ) and
+// BandMask::key_queries when rows are keys (K·Qᵀ); row0/col0 are the tile's first row and column.
+template <int kRows>
+struct RowBounds {
+  int lo[kRows], hi[kRows];
+
+  template <class TC, class Range>
+  __device__ __forceinline__ RowBounds(TC const& c_rc, int row0, int col0, Range const& range) {
+    int const base = col0 + get<1>(c_rc(0, 0));
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      range(row0 + get<0>(c_rc(r, 0)), lo[r], hi[r]);
+      lo[r] -= base;
+      hi[r] -= base;
+    }
+  }
+
+  template <class TC>
+  __device__ __forceinline__ bool hidden(TC const& c_rc, int r, int c) const {
+    int const k = get<1>(c_rc(r, c)) - get<1>(c_rc(0, 0));
+    return k < lo[r] || k >= hi[r];
+  }
 };
 
 }  // namespace longflash::sm90
