@@ -568,8 +568,7 @@ struct BwdKernel {
             }
           }
           Tensor rdS = convert_to<Element>(accdP);
-          CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < size(rdS); ++i) tdSsdS(i) = rdS(i);
+          store_acc_pairs_sw128(tdSsdS, rdS, ss.ds.data());
           // dS was written by ordinary stores and is read next by wgmma (the async proxy).
           cutlass::arch::fence_view_async_shared();
           named_sync(kBarDsReady, kConsumerThreads);

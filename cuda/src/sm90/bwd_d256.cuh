@@ -426,10 +426,9 @@ struct BwdKernelD256 {
             }
             // Warpgroup 1's reads of the previous step's P (dV GEMM) and g (dS pass) are done.
             if (step > 0) Barrier::wait(&ss.p_free, (step - 1) & 1);
+            store_acc_pairs_sw128(tPsP, accS, ss.p.data());
             CUTLASS_PRAGMA_UNROLL
             for (int e = 0; e < kAccElems; e += 2) {
-              alignas(4) Element pair[2] = {Element(accS(e)), Element(accS(e + 1))};
-              sts_u32(&tPsP(e), *reinterpret_cast<uint32_t*>(pair));
               *reinterpret_cast<float2*>(g_slot + (e / 2) * 256) = make_float2(g[e], g[e + 1]);
             }
             cutlass::arch::fence_view_async_shared();
@@ -453,11 +452,7 @@ struct BwdKernelD256 {
             // (P and g are released by this warpgroup's arrival after its last wait below,
             // once its dV GEMM has read P too.)
             if (step > 0) Barrier::wait(&ss.ds_free, (step - 1) & 1);
-            CUTLASS_PRAGMA_UNROLL
-            for (int e = 0; e < kAccElems; e += 2) {
-              alignas(4) Element pair[2] = {Element(accS(e)), Element(accS(e + 1))};
-              sts_u32(&tPsdS(e), *reinterpret_cast<uint32_t*>(pair));
-            }
+            store_acc_pairs_sw128(tPsdS, accS, ss.ds.data());
             cutlass::arch::fence_view_async_shared();
             named_sync(kBarDsReady, kConsumerThreads);
           }

@@ -20,11 +20,6 @@ namespace longflash::sm90 {
 template <int kDqk, int kDv>
 inline constexpr bool kBwdV5Supported = kDqk == kDv && (kDqk == 64 || kDqk == 128);
 
-__device__ __forceinline__ void sts_u32(void const* p, uint32_t v) {
-  uint32_t const a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm volatile("st.shared.b32 [%0], %1;" ::"r"(a), "r"(v) : "memory");
-}
-
 // The writer warp's primitives on 32-bit shared addresses (its 24 registers leave no room for
 // generic pointers to every barrier and buffer).
 __device__ __forceinline__ void bulk_reduce_add_f32_s(float* dst, uint32_t src, int bytes) {
@@ -790,12 +785,7 @@ struct BwdKernelV5Impl {
               named_sync(kBarDsFree, kConsumerThreads);
             }
           }
-          Tensor tdSs = tdSsdS(_, _, _, 0);
-          CUTLASS_PRAGMA_UNROLL
-          for (int e = 0; e < size(rdS); e += 2) {
-            alignas(4) Element pair[2] = {rdS(e), rdS(e + 1)};
-            sts_u32(&tdSs(e), *reinterpret_cast<uint32_t*>(pair));
-          }
+          store_acc_pairs_sw128(tdSsdS(_, _, _, 0), rdS, ss.ds.data());
           cutlass::arch::fence_view_async_shared();
           wg_gemm<false, -1, true>(mma_dk, tdKrdS, tdKrQ(_, _, _, st.index), accdK);
           named_sync(kBarDsReady, kConsumerThreads);

@@ -280,4 +280,46 @@ struct RowBounds {
   }
 };
 
+// Stores a thread's accumulator fragment `acc` (fp32, or already Element), as Element pairs, through `dst`,
+// that thread's partition_C of a shared-memory tile laid out with a 128-byte-swizzled GMMA atom
+// (Swizzle<3,4,3>: byte-address bits 4-6 ^= bits 7-9) whose first element is `tile` (1024-byte
+// aligned). Storing through `&dst(e)` applies the swizzle to each element's 64-bit address: ~8
+// integer instructions per 4-byte store, ~240 per step of the hd64 backward's dS, as many as its
+// whole P and dS passes. Here the swizzle is split between the thread and the element instead:
+// for the accumulator fragments of m64nNk16 wgmma, the thread's unswizzled byte offset u0 sets
+// bits 2-3 and 7-9 (column pair, row within 8) and the element's offset d sets bits 1 and 4-6 (and
+// whole 1024-byte atoms), so swz(u0 + d) = u0 + (d & ~0x70) + ((d & 0x70) ^ s), where s =
+// (u0 >> 3) & 0x70 is the thread's. d is a compile-time constant, so each store is one STS at a
+// register (one of eight, d & 0x70 taking eight values) plus an immediate offset.
+// The element half of that split, checked at compile time: every pair's offset d keeps off
+// bits 0-3 and 7-9 (the thread's), so the sum never carries into the swizzle's bits.
+template <class Layout>
+constexpr bool sw128_pair_offsets_split() {
+  for (int e = 0; e < int(size(Layout{})); e += 2) {
+    if ((uint32_t(Layout{}(e)) * 2u) & 0x38Fu) return false;
+  }
+  return true;
+}
+
+template <class TDst, class TAcc, class Element>
+__device__ __forceinline__ void store_acc_pairs_sw128(TDst const& dst, TAcc const& acc,
+                                                      Element const* tile) {
+  static_assert(sizeof(Element) == 2);
+  using DstLayout = decltype(dst.layout());
+  static_assert(is_static<DstLayout>::value && sw128_pair_offsets_split<DstLayout>(),
+                "the fragment's element offsets must leave the thread's swizzle bits alone");
+  uint32_t const base = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
+  uint32_t const u0 = uint32_t(raw_pointer_cast(dst.data()) - tile) * 2u;  // unswizzled
+  uint32_t const s = (u0 >> 3) & 0x70u;
+  uint32_t const a0 = base + u0;
+  CUTLASS_PRAGMA_UNROLL
+  for (int e = 0; e < size(acc); e += 2) {
+    uint32_t const d = uint32_t(dst.layout()(e)) * 2u;
+    alignas(4) Element pair[2] = {Element(acc(e)), Element(acc(e + 1))};
+    uint32_t const a = a0 + (d & ~0x70u) + ((d & 0x70u) ^ s);
+    asm volatile("st.shared.b32 [%0], %1;" ::"r"(a), "r"(*reinterpret_cast<uint32_t*>(pair))
+                 : "memory");
+  }
+}
+
 }  // namespace longflash::sm90
