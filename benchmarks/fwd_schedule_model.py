@@ -20,7 +20,9 @@ import heapq
 import math
 
 
-def tile_costs(n: int, block_m: int, block_n: int, end_aligned: bool, overhead: float) -> list[float]:
+def tile_costs(
+    n: int, block_m: int, block_n: int, end_aligned: bool, overhead: float
+) -> list[float]:
     """Key blocks (plus overhead) of each query block, first to last."""
     blocks = math.ceil(n / block_m)
     costs = []
@@ -68,8 +70,7 @@ def main() -> None:
             grouped.append(greedy(order, args.sms) / mean)
         print(
             f"{n:<6} {rows:<5} {pairs:<5} | {static_snake(head_major, args.sms) / mean:12.3f} | "
-            f"{greedy(head_major, args.sms) / mean:6.3f} | "
-            + " ".join(f"{x:.3f}" for x in grouped)
+            f"{greedy(head_major, args.sms) / mean:6.3f} | " + " ".join(f"{x:.3f}" for x in grouped)
         )
 
 
