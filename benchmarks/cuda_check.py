@@ -625,9 +625,11 @@ def main() -> int:
     ap.add_argument(
         "--fwd-variants",
         default=None,
-        help="comma list of LONGFLASH_CUDA_FWD values (default,v2,v3,v3-no-pingpong,v3-emu), "
+        help="comma list of LONGFLASH_CUDA_FWD values (default,v2,v3,v3-no-pingpong,v3-emu, "
+        "each with an optional +grid/+persistent/+dynamic[+g<n>] suffix, or a suffix alone), "
         "run after any --bwd-variants, names suffixed [fwd=variant]; each variant runs "
-        "the cases of the head dims it exists at (FWD_VARIANT_DIMS)",
+        "the cases of the head dims its kernel exists at (FWD_VARIANT_DIMS; every dim for a "
+        "suffix alone)",
     )
     args = ap.parse_args()
     lib, why = _lib.load()
@@ -677,7 +679,11 @@ def main() -> int:
                     os.environ["LONGFLASH_CUDA_BWD"] = var
             fwd_variant = var is not None and var.startswith("fwd=") and var != "fwd=default"
             # Head dims a forward variant exists at; elsewhere the library runs the default.
-            dims = FWD_VARIANT_DIMS.get(var[4:], ()) if fwd_variant else None
+            # A variant's kernel is the part before any "+<grid>" suffix; none (or "default")
+            # runs at every head dim.
+            kernel = var[4:].split("+")[0] if fwd_variant else ""
+            dims = FWD_VARIANT_DIMS.get(kernel, ()) if kernel not in ("", "default") else None
+            ran = len(results)
             for c in cases(args.quick, compiled):
                 if args.only and args.only not in c["name"]:
                     continue
@@ -706,6 +712,9 @@ def main() -> int:
                 if "error" in r and ("CUDA" in r["error"] or "illegal" in r["error"]):
                     faulted = True  # a fault poisons the context: stop and report
                     break
+            if len(results) == ran and not args.only:  # a variant that checked nothing fails
+                results.append({"name": f"no case ran [{var}]", "ok": False})
+                print(f"FAIL no case ran [{var}]", flush=True)
     if args.phase in ("bench", "all"):
         dog.arm("timings")
         try:

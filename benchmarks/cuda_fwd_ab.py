@@ -8,7 +8,8 @@ inputs. `default` is what the library picks by shape (api.cpp fwd_kernel); `v2` 
 hd64 default from 4K queries), `v3` the same with ping-pong GEMM issue, `v3-emu` v3 with 3/16 of
 the exponentials on the FMA pipe. The v3 kernels exist at hd64 only; at other head dims the
 library runs v2 for them, so their rows there measure nothing but run-to-run noise (a check
-that hd128 is unaffected). A `+grid` / `+persistent` suffix forces the grid too.
+that hd128 is unaffected). A `+grid` / `+persistent` / `+dynamic` suffix forces the grid too,
+and `+g<n>` the dynamic schedule's longest-first group of n heads (`+dynamic+g1`: head-major).
 Each variant's out and lse are compared with the first variant's, and out with SDPA flash's.
 Timings are medians over --rounds passes, each of which times every variant and peer in turn,
 starting one further along each pass, so that neither drift during the run nor the position in

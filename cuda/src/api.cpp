@@ -392,6 +392,23 @@ int fwd_grid(AttnShape const& s) {
   return causal && short_seqs ? kFwdGridStatic : kFwdGridPerTile;
 }
 
+// The dynamic schedule's longest-first groups (fwd.cuh FwdTiles::group): as many consecutive
+// (head, sequence) pairs as keep their K/V within kFwdGroupBytes, so that the CTAs in flight still
+// share them in L2 (the H200 has 50 MiB; the static schedule's head-major order needs this, see
+// FwdTiles). At the bench grid's shapes that is 8 hd64 heads at 4K, 4 at hd128, 2 at hd256, 1 at
+// hd128/hd256 16K. LONGFLASH_CUDA_FWD's "+g<n>" sets n (A/B; "+g1" is the head-major order).
+constexpr int64_t kFwdGroupBytes = int64_t(8) << 20;
+int fwd_tile_group(AttnShape const& s) {
+  if (char const* e = std::getenv("LONGFLASH_CUDA_FWD")) {
+    for (char const* g = std::strstr(e, "+g"); g != nullptr; g = std::strstr(g + 2, "+g")) {
+      if (g[2] >= '0' && g[2] <= '9') return std::max(1, std::atoi(g + 2));
+    }
+  }
+  // K/V bytes per query head (a GQA group's query heads are neighbours and share theirs)
+  int64_t const kv = int64_t(s.seqlen_k) * (s.dqk + s.dv) * 2 / (s.heads_q / s.heads_k);
+  return int(std::clamp<int64_t>(kFwdGroupBytes / std::max<int64_t>(kv, 1), 1, 64));
+}
+
 // LONGFLASH_CUDA_FWD_CTAS=n caps a persistent grid at n CTAs, so that small problems walk many
 // tiles per CTA (for sanitizer runs of the tile hand-overs). Unset or invalid: no cap.
 int fwd_max_ctas() {
@@ -505,8 +522,14 @@ const char* lf_forward_plan(const lf_attention_params* params) {
   }
   switch (fwd_grid(s)) {
     case kFwdGridStatic: plan += "+persistent"; break;
-    // the v3 kernels have no dynamic schedule and walk the static one instead
-    case kFwdGridDynamic: plan += kernel == kFwdV2 ? "+dynamic" : "+persistent"; break;
+    // v3 and v3-emu have no dynamic schedule and walk the static one instead
+    case kFwdGridDynamic:
+      if (kernel == kFwdV2 || kernel == kFwdV3NoPingPong) {
+        plan += "+dynamic+g" + std::to_string(fwd_tile_group(s));
+      } else {
+        plan += "+persistent";
+      }
+      break;
     default: plan += "+grid"; break;
   }
   return plan.c_str();
@@ -550,6 +573,7 @@ lf_status lf_attention_forward(const lf_attention_params* params, lf_tensor q, l
   a.fwd_version = fwd_kernel(a.s, fwd_version());
   a.fwd_grid = fwd_grid(a.s);
   a.max_ctas = fwd_max_ctas();
+  a.tile_group = a.fwd_grid == kFwdGridDynamic ? fwd_tile_group(a.s) : 1;
   if (a.fwd_grid == kFwdGridDynamic) {
     if (workspace_bytes < kFwdDynamicWorkspace || workspace == nullptr) {
       return fail(LF_ERROR_WORKSPACE, "workspace is %zu bytes, the call needs %zu "

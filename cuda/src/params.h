@@ -46,9 +46,10 @@ struct FwdArgs {
   int fwd_version;
   // kFwdGridPerTile: one CTA per tile. kFwdGridStatic: one CTA per SM walking the tiles in a
   // static order (fwd.cuh FwdTiles). kFwdGridDynamic: the same CTAs claiming tiles from
-  // tile_counter (default kernel only; the v3 variants run kFwdGridStatic for it).
+  // tile_counter (kFwdV2 and kFwdV3NoPingPong; the other v3 variants run kFwdGridStatic for it).
   int fwd_grid;
   int* tile_counter;  // kFwdGridDynamic: 4 bytes of the workspace, zeroed before the launch
+  int tile_group;     // kFwdGridDynamic: (head, sequence) pairs per longest-first group (FwdTiles)
   int max_ctas;       // > 0: at most this many persistent CTAs (LONGFLASH_CUDA_FWD_CTAS, tests)
 };
 

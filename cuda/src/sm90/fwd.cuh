@@ -40,16 +40,21 @@ __device__ __forceinline__ float exp2_fma(float x) {
 // hd128, N = 4K. Round r hands tiles [r·G, (r+1)·G) to the G CTAs, in reverse CTA order on odd
 // rounds (a snake), so that a CTA that took heavy tiles in one round takes lighter ones in the
 // next. With one CTA per tile (G = tile count) this is a single round, the classic grid.
-// The dynamic schedule (FwdKernelDynamic) walks the same order greedily instead: each CTA's
-// producer takes the next unclaimed tile from a counter in global memory when it is done
-// issuing the loads of its current one, as the hardware hands out CTAs of a grid.
+// The dynamic schedule (FwdKernelDynamic, FwdKernelV3Dynamic) walks an order greedily instead:
+// each CTA's producer takes the next unclaimed tile from a counter in global memory when it is
+// done issuing the loads of its current one, as the hardware hands out CTAs of a grid. With
+// `group` > 1 (dynamic only) that order is longest first within groups of `group` consecutive
+// (head, sequence) pairs: the group's last query blocks of every head, then the ones before, so
+// the greedy claim balances like LPT while the CTAs in flight share a few heads' K/V in L2.
+// `group` = 1 is the head-major order above (benchmarks/fwd_schedule_model.py models both).
 struct FwdTiles {
-  int m_blocks, heads, total;
+  int m_blocks, heads, total, group;
 
-  __device__ __forceinline__ FwdTiles(AttnShape const& s, int block_m)
+  __device__ __forceinline__ FwdTiles(AttnShape const& s, int block_m, int group_ = 1)
       : m_blocks((s.seqlen_q + block_m - 1) / block_m),
         heads(s.heads_q),
-        total(m_blocks * s.heads_q * s.batch) {}
+        total(m_blocks * s.heads_q * s.batch),
+        group(group_) {}
 
   __device__ __forceinline__ int rounds() const {
     return (total + int(gridDim.x) - 1) / int(gridDim.x);
@@ -65,8 +70,17 @@ struct FwdTiles {
   }
 
   __device__ __forceinline__ void decode(int idx, int& m_block, int& h, int& b) const {
-    m_block = m_blocks - 1 - idx % m_blocks;
-    int const hb = idx / m_blocks;
+    int hb;
+    if (group == 1) {
+      m_block = m_blocks - 1 - idx % m_blocks;
+      hb = idx / m_blocks;
+    } else {
+      int const first = idx / (group * m_blocks) * group;  // the group's first pair
+      int const size = min(group, total / m_blocks - first);  // the last group may be short
+      int const in = idx - first * m_blocks;
+      m_block = m_blocks - 1 - in / size;
+      hb = first + in % size;
+    }
     h = hb % heads;
     b = hb / heads;
   }
@@ -99,9 +113,10 @@ struct FwdKernelBase {
   static constexpr int kThreads = 128 * (kConsumerWGs + 1);
   static constexpr int kConsumerThreads = 128 * kConsumerWGs;
   // setmaxnreg split: 128x24 + 256x240 or 128x24 + 384x160, all of the CTA's 168 or 128 registers
-  // per thread at entry. The dynamic schedule's producer then keeps a few values on the stack
-  // (its tile phase, the claimed index): one thread that mostly waits.
-  static constexpr int kProducerRegs = 24;
+  // per thread at entry. The dynamic schedule's producer (its tile phase, the claimed index, the
+  // grouped decode) keeps a few values on the stack at 24: one thread that mostly waits. With
+  // three consumers it gets 32 (128x32 + 384x160 is all 64K registers).
+  static constexpr int kProducerRegs = kDynamic_ && kConsumerWGs_ == 3 ? 32 : 24;
   static constexpr int kConsumerRegs = kConsumerWGs == 2 ? 240 : 160;
   static_assert(kConsumerWGs == 2 || (kConsumerWGs == 3 && kDqk <= 64 && kDv <= 64),
                 "three consumer warpgroups only fit 160 registers at hd64");
@@ -176,6 +191,7 @@ struct FwdKernelBase {
     float softcap;        // 0 = off
     float softcap_scale;  // scale / softcap
     int* tile_counter;    // dynamic schedule: zeroed before the launch; else unused
+    int tile_group;       // dynamic schedule: FwdTiles::group
   };
 
   // The tile's query rows [i0, i0 + kBlockM) of sequence b and its key blocks [n_lo, n_hi]
@@ -226,7 +242,7 @@ struct FwdKernelBase {
     }
     __syncthreads();
 
-    FwdTiles const tiles(p.s, kBlockM);
+    FwdTiles const tiles(p.s, kBlockM, kDynamic ? p.tile_group : 1);
     if (wg == 0) {
       cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
       if (threadIdx.x == 0) produce(p, ss, tiles);
@@ -596,6 +612,10 @@ struct FwdKernelV3 : FwdKernelBase<Element, kDqk, kDv, 3, 4, kPingPong, kExpEmu>
 // balanced under causal masks, at the cost of one global atomic per tile.
 template <typename Element, int kDqk, int kDv>
 struct FwdKernelDynamic : FwdKernelBase<Element, kDqk, kDv, 2, 2, false, false, true> {};
+
+// v3-no-pingpong on the dynamic schedule (LONGFLASH_CUDA_FWD=v3-no-pingpong+dynamic, hd64).
+template <typename Element, int kDqk, int kDv>
+struct FwdKernelV3Dynamic : FwdKernelBase<Element, kDqk, kDv, 3, 4, false, false, true> {};
 
 template <class Kernel>
 __global__ void __launch_bounds__(Kernel::kThreads, 1)

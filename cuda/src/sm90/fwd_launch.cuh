@@ -34,6 +34,7 @@ cudaError_t launch_fwd_kernel(FwdArgs const& a, cudaStream_t stream) {
       s.softcap,
       s.softcap > 0.f ? s.scale / s.softcap : 0.f,
       K::kDynamic ? a.tile_counter : nullptr,
+      K::kDynamic ? a.tile_group : 1,
   };
   auto kernel = fwd_kernel<K>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -75,6 +76,9 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       return launch_fwd_kernel<FwdKernelV3<Element, kDqk, kDv, true, true>>(a, stream);
     }
     if (a.fwd_version == kFwdV3NoPingPong) {
+      if (a.fwd_grid == kFwdGridDynamic) {
+        return launch_fwd_kernel<FwdKernelV3Dynamic<Element, kDqk, kDv>>(a, stream);
+      }
       return launch_fwd_kernel<FwdKernelV3<Element, kDqk, kDv, false>>(a, stream);
     }
   }

@@ -468,8 +468,14 @@ def test_forward_plan_by_shape(monkeypatch, d, n, window, varlen, want):
         ("v2", 64, "v2+persistent"),
         ("v3", 64, "v3+persistent"),
         ("v3-no-pingpong+grid", 64, "v3-no-pingpong+grid"),
-        ("+dynamic", 128, "v2+dynamic"),
-        ("+dynamic", 64, "v3-no-pingpong+persistent"),  # v3 has no dynamic schedule
+        # the dynamic schedule's longest-first groups: heads whose K/V fit in 8 MiB (4 query
+        # heads share each K/V head here)
+        ("+dynamic", 128, "v2+dynamic+g8"),
+        ("+dynamic", 64, "v3-no-pingpong+dynamic+g16"),
+        ("+dynamic", 256, "v2+dynamic+g4"),
+        ("v3-no-pingpong+dynamic+g3", 64, "v3-no-pingpong+dynamic+g3"),
+        ("+dynamic+g1", 128, "v2+dynamic+g1"),  # the head-major order
+        ("v3+dynamic", 64, "v3+persistent"),  # ping-pong v3 has no dynamic schedule
         ("v3-emu", 128, "v2+persistent"),  # the v3 kernels exist at hd64 only
         ("default", 64, "v3-no-pingpong+persistent"),
     ],
@@ -477,6 +483,19 @@ def test_forward_plan_by_shape(monkeypatch, d, n, window, varlen, want):
 def test_forward_plan_follows_the_variable(monkeypatch, env, d, want):
     monkeypatch.setenv("LONGFLASH_CUDA_FWD", env)
     assert plan(params(head_dim_qk=d, head_dim_v=d, seqlen_q=8192, seqlen_k=8192)) == want
+
+
+@pytest.mark.parametrize(
+    "d, n, hq, want",
+    [(64, 4096, 32, 8), (128, 4096, 16, 4), (256, 4096, 8, 2), (64, 16384, 32, 2),
+     (128, 16384, 16, 1), (256, 16384, 8, 1), (64, 1024, 32, 32), (64, 256, 64, 64)],
+)  # fmt: skip
+def test_dynamic_schedule_groups_heads_whose_kv_fits_8mib(monkeypatch, d, n, hq, want):
+    """At the bench grid's shapes (no GQA) a group holds 8 MiB of K/V, at least 1 head, at most
+    64."""
+    monkeypatch.setenv("LONGFLASH_CUDA_FWD", "+dynamic")
+    p = params(head_dim_qk=d, head_dim_v=d, seqlen_q=n, seqlen_k=n, heads_q=hq, heads_k=hq)
+    assert plan(p).endswith(f"+dynamic+g{want}")
 
 
 def test_forward_plan_of_bad_params_is_null():

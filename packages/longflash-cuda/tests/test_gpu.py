@@ -420,7 +420,7 @@ _PERSISTENT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("sched", ["persistent", "dynamic"])
+@pytest.mark.parametrize("sched", ["persistent", "dynamic", "dynamic+g3"])
 @pytest.mark.parametrize(
     "fwd, d, b, nq, nk, hq, hk, causal, window, varlen",
     [
@@ -435,8 +435,9 @@ def test_persistent_forward_equals_one_cta_per_tile(
     """The persistent forward (one CTA per SM walking the tiles, on the static or the dynamic
     schedule) computes each tile exactly as a grid of one CTA per tile does, so out and lse must
     be bitwise equal, also with the grid capped at 5 CTAs (LONGFLASH_CUDA_FWD_CTAS); NaN-poisoned
-    memory under the outputs catches a tile that no CTA takes. (The v3 kernels have
-    no dynamic schedule and run the static one for it.)"""
+    memory under the outputs catches a tile that no CTA takes. "dynamic+g3" walks the dynamic
+    schedule's longest-first order in groups of 3 (head, sequence) pairs, the last group short.
+    (v3 and v3-emu have no dynamic schedule and run the static one for it.)"""
     from longflash_cuda import _lib, _torch
 
     if (d, d) not in _lib.compiled_head_dims(_lib.load()[0])["bfloat16"]:
