@@ -280,19 +280,9 @@ struct RowBounds {
   }
 };
 
-// Stores a thread's accumulator fragment `acc` (fp32, or already Element), as Element pairs, through `dst`,
-// that thread's partition_C of a shared-memory tile laid out with a 128-byte-swizzled GMMA atom
-// (Swizzle<3,4,3>: byte-address bits 4-6 ^= bits 7-9) whose first element is `tile` (1024-byte
-// aligned). Storing through `&dst(e)` applies the swizzle to each element's 64-bit address: ~8
-// integer instructions per 4-byte store, ~240 per step of the hd64 backward's dS, as many as its
-// whole P and dS passes. Here the swizzle is split between the thread and the element instead:
-// for the accumulator fragments of m64nNk16 wgmma, the thread's unswizzled byte offset u0 sets
-// bits 2-3 and 7-9 (column pair, row within 8) and the element's offset d sets bits 1 and 4-6 (and
-// whole 1024-byte atoms), so swz(u0 + d) = u0 + (d & ~0x70) + ((d & 0x70) ^ s), where s =
-// (u0 >> 3) & 0x70 is the thread's. d is a compile-time constant, so each store is one STS at a
-// register (one of eight, d & 0x70 taking eight values) plus an immediate offset.
-// The element half of that split, checked at compile time: every pair's offset d keeps off
-// bits 0-3 and 7-9 (the thread's), so the sum never carries into the swizzle's bits.
+// The element half of store_acc_pairs_sw128's split, checked at compile time: every pair's
+// offset d keeps off bits 0-3 and 7-9 (the thread's), so the sum never carries into the swizzle's
+// bits.
 template <class Layout>
 constexpr bool sw128_pair_offsets_split() {
   for (int e = 0; e < int(size(Layout{})); e += 2) {
@@ -301,6 +291,18 @@ constexpr bool sw128_pair_offsets_split() {
   return true;
 }
 
+// Stores a thread's accumulator fragment `acc` (fp32, or already Element) as Element pairs through
+// `dst`, that thread's partition_C of a shared-memory tile laid out with a 128-byte-swizzled GMMA
+// atom (Swizzle<3,4,3>: byte-address bits 4-6 ^= bits 7-9) whose first element is `tile`
+// (1024-byte aligned). Storing through `&dst(e)` applies the swizzle to each element's 64-bit
+// address: ~8 integer instructions per 4-byte store, ~240 per step of the hd64 backward's dS, as
+// many as its whole P and dS passes. Here the swizzle is split between the thread and the
+// element: for m64nNk16 wgmma accumulator fragments the thread's unswizzled byte offset u0 sets
+// bits 2-3 and 7-9 (column pair, row within 8) and whole atoms, and the element's offset d sets
+// bits 4-6 and whole atoms, so swz(u0 + d) = u0 + (d & ~0x70) + ((d & 0x70) ^ s) with the thread's
+// s = (u0 >> 3) & 0x70. d is a compile-time constant, so each store is one STS at one of eight
+// registers plus an immediate. (d's side is the static_assert below; u0's follows from the
+// fragment layout and is exercised by every backward check: a wrong address corrupts dK and dQ.)
 template <class TDst, class TAcc, class Element>
 __device__ __forceinline__ void store_acc_pairs_sw128(TDst const& dst, TAcc const& acc,
                                                       Element const* tile) {
