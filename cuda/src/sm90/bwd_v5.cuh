@@ -602,13 +602,7 @@ struct BwdKernelV5Impl {
       RowBounds<kRows> const mask(c_rc, jw0, i0, [&](int j, int& lo, int& hi) {
         band.key_queries(j, lo, hi);
       });
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < kCols; ++c) {
-          if (mask.hidden(c_rc, r, c)) S_rc(r, c) = 0.f;
-        }
-      }
+      mask.fill_hidden(S_rc, c_rc, 0.f);
     }
   }
 

@@ -509,13 +509,7 @@ struct FwdKernelBase {
           RowBounds<kRows> const mask(cS_rc, i0, j0, [&](int i, int& lo, int& hi) {
             band.row_keys(i, lo, hi);
           });
-          CUTLASS_PRAGMA_UNROLL
-          for (int r = 0; r < kRows; ++r) {
-            CUTLASS_PRAGMA_UNROLL
-            for (int c = 0; c < size<1>(S_rc); ++c) {
-              if (mask.hidden(cS_rc, r, c)) S_rc(r, c) = -INFINITY;
-            }
-          }
+          mask.fill_hidden(S_rc, cS_rc, -INFINITY);
         }
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < kRows; ++r) {

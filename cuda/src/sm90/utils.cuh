@@ -209,6 +209,18 @@ struct RowBounds {
     int const k = get<1>(c_rc(r, c)) - get<1>(c_rc(0, 0));
     return k < lo[r] || k >= hi[r];
   }
+
+  // Sets every hidden element of the row-col view S_rc to `fill`.
+  template <class TS, class TC>
+  __device__ __forceinline__ void fill_hidden(TS& S_rc, TC const& c_rc, float fill) const {
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < size<1>(S_rc); ++c) {
+        if (hidden(c_rc, r, c)) S_rc(r, c) = fill;
+      }
+    }
+  }
 };
 
 // The element half of store_acc_pairs_sw128's split, checked at compile time: every pair's

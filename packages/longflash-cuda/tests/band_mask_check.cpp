@@ -21,6 +21,11 @@ void fail(const char* what, int lq, int lk, int left, int right, int a, int b) {
   }
 }
 
+// The last index of block `blk` of `size` over [0, len).
+int block_end(int blk, int size, int len) {
+  return (blk + 1) * size < len ? (blk + 1) * size - 1 : len - 1;
+}
+
 bool meets(BandMask const& m, int i0, int i1, int j0, int j1) {
   for (int i = i0; i <= i1; ++i) {
     for (int j = j0; j <= j1; ++j) {
@@ -56,11 +61,11 @@ void check_shape(int lq, int lk, int left, int right) {
     for (int bn : {1, 2, 64, 96, 128}) {
       int const mb = (lq + bm - 1) / bm, nb = (lk + bn - 1) / bn;
       for (int mi = 0; mi < mb; ++mi) {
-        int const i0 = mi * bm, i1 = (mi + 1) * bm < lq ? (mi + 1) * bm - 1 : lq - 1;
+        int const i0 = mi * bm, i1 = block_end(mi, bm, lq);
         int lo, hi;
         m.key_blocks(i0, i1, bn, lo, hi);
         for (int n = 0; n < nb; ++n, ++checks) {
-          int const j0 = n * bn, j1 = (n + 1) * bn < lk ? (n + 1) * bn - 1 : lk - 1;
+          int const j0 = n * bn, j1 = block_end(n, bn, lk);
           bool const want = meets(m, i0, i1, j0, j1);
           if ((lo <= n && n <= hi) != want) fail("key_blocks", lq, lk, left, right, mi, n);
           // The whole tile (rows past the sequence kept) needs no mask exactly when every
@@ -76,11 +81,11 @@ void check_shape(int lq, int lk, int left, int right) {
         }
       }
       for (int n = 0; n < nb; ++n) {
-        int const j0 = n * bn, j1 = (n + 1) * bn < lk ? (n + 1) * bn - 1 : lk - 1;
+        int const j0 = n * bn, j1 = block_end(n, bn, lk);
         int lo, hi;
         m.query_blocks(j0, j1, bm, lo, hi);
         for (int mi = 0; mi < mb; ++mi, ++checks) {
-          int const i0 = mi * bm, i1 = (mi + 1) * bm < lq ? (mi + 1) * bm - 1 : lq - 1;
+          int const i0 = mi * bm, i1 = block_end(mi, bm, lq);
           if ((lo <= mi && mi <= hi) != meets(m, i0, i1, j0, j1)) {
             fail("query_blocks", lq, lk, left, right, n, mi);
           }
