@@ -85,6 +85,59 @@ def test_torch_compile_bakes_in_the_chosen_backend():
     torch.testing.assert_close(out, f(q, k, v))
 
 
+def test_torch_eager_calls_skip_the_dispatcher_only_where_nothing_needs_it(monkeypatch):
+    """Inference and the backward call the ops' implementations directly (same function, no
+    dispatch); a call that records autograd, or runs under a dispatch mode, takes the op."""
+    torch = pytest.importorskip("torch")
+    from longflash.frontends import torch as fe
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    direct = {"fwd": 0, "bwd": 0}
+
+    def counting(kind, impl):
+        def run(*args):
+            direct[kind] += 1
+            return impl(*args)
+
+        return run
+
+    monkeypatch.setattr(fe, "_attention_fwd_impl", counting("fwd", fe._attention_fwd_impl))
+    monkeypatch.setattr(fe, "_attention_bwd_impl", counting("bwd", fe._attention_bwd_impl))
+    q, k, v, dout = _torch_inputs(torch)
+
+    def attend(*args):
+        return longflash.attention(*args, causal=True, return_lse=True, backend="reference")
+
+    out, lse = attend(q, k, v)  # records autograd: the op
+    assert direct == {"fwd": 0, "bwd": 0}
+    grads = torch.autograd.grad(out, (q, k, v), dout)  # the backward itself: direct
+    assert direct == {"fwd": 0, "bwd": 1}
+    with torch.no_grad():
+        out2, lse2 = attend(q, k, v)  # inference: direct, the same result
+    assert direct == {"fwd": 1, "bwd": 1}
+    torch.testing.assert_close(out2, out.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(lse2, lse.detach(), rtol=0, atol=0)
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Seen() as mode:
+        out3, _ = attend(q, k, v)  # a mode sees every op: the op, not the shortcut
+    assert direct == {"fwd": 1, "bwd": 1}
+    assert any("longflash.attention_fwd" in name for name in mode.ops), sorted(mode.ops)
+    torch.testing.assert_close(out3, out2, rtol=0, atol=0)
+    detached = [t.detach() for t in (q, k, v)]
+    attend(*detached)  # grad enabled but nothing requires it: direct
+    assert direct == {"fwd": 2, "bwd": 1}
+    assert all(g.shape == t.shape for g, t in zip(grads, (q, k, v)))
+
+
 # -- jax ---------------------------------------------------------------------------------
 def _jax_inputs(lead=(), b=2, nq=37, nk=45, hq=4, hk=2, d=16, dv=24):
     import jax.numpy as jnp

@@ -3,6 +3,8 @@
 The forward and backward are `torch.library` custom ops, so torch.compile traces them as
 single nodes (fullgraph=True works) and CUDA graphs capture whatever the backend launches.
 Backend selection happens inside the op, at run time, from the name given at trace time.
+An eager call that needs no autograd graph (inference, and the backward itself) calls the
+op's implementation directly: the same function, without the dispatcher's cost (_plain_eager).
 """
 
 from __future__ import annotations
@@ -144,8 +146,7 @@ def _out_shapes(q, v, cu_q):
     return (t, hq, v.shape[-1]), (hq, t)
 
 
-@torch.library.custom_op("longflash::attention_fwd", mutates_args=())
-def attention_fwd(
+def _attention_fwd_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -180,6 +181,11 @@ def attention_fwd(
     return out, lse
 
 
+attention_fwd = torch.library.custom_op("longflash::attention_fwd", mutates_args=())(
+    _attention_fwd_impl
+)
+
+
 @attention_fwd.register_fake
 def _(
     q,
@@ -200,8 +206,7 @@ def _(
     return q.new_empty(out_shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("longflash::attention_bwd", mutates_args=())
-def attention_bwd(
+def _attention_bwd_impl(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -238,6 +243,11 @@ def attention_bwd(
     return dq, dk, dv
 
 
+attention_bwd = torch.library.custom_op("longflash::attention_bwd", mutates_args=())(
+    _attention_bwd_impl
+)
+
+
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -255,13 +265,31 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_bwd(
-        _lastdim_contiguous(dout.to(out.dtype)), q, k, v, out, lse, cu_q, cu_k, *ctx.params
-    )
+    dout = _lastdim_contiguous(dout.to(out.dtype))
+    bwd = _attention_bwd_impl if _plain_eager(dout, q, k, v, out, lse) else attention_bwd
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params)
     return (dq, dk, dv) + (None,) * (2 + len(ctx.params))
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _plain_eager(*tensors: torch.Tensor | None) -> bool:
+    """True where calling an op's implementation directly is the op minus its dispatch, which
+    was half the front-end's time per call (benchmarks/NOTES-cuda.md, session 14): eager mode,
+    no autograd graph to record, plain tensors, no dispatch or function mode, no functorch
+    transform. torch.compile, FakeTensor tracing, vmap, grad and tensor subclasses take the op."""
+    if torch.compiler.is_compiling():  # first: under dynamo nothing below is traced
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return not (
+        torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+    )
 
 
 def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -274,10 +302,12 @@ def _run(call: AttentionCall, q, k, v, cu_q, cu_k, max_q, max_k, return_lse, bac
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
     causal, scale, left, right, softcap = _flat(call)
-    out, lse = attention_fwd(
-        _lastdim_contiguous(q),
-        _lastdim_contiguous(k),
-        _lastdim_contiguous(v),
+    q, k, v = _lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v)
+    fwd = _attention_fwd_impl if _plain_eager(q, k, v, cu_q, cu_k) else attention_fwd
+    out, lse = fwd(
+        q,
+        k,
+        v,
         cu_q,
         cu_k,
         max_q,
