@@ -51,11 +51,17 @@ struct FwdArgs {
   int* tile_counter;  // kFwdGridDynamic: 4 bytes of the workspace, zeroed before the launch
   int tile_group;     // kFwdGridDynamic: (head, sequence) pairs per longest-first group (FwdTiles)
   int max_ctas;       // > 0: at most this many persistent CTAs (LONGFLASH_CUDA_FWD_CTAS, tests)
+  // kFwdGridStreamK: the workspace's flags (zeroed before the launch) and partials (stream_k.h).
+  int* sk_flags;
+  float* sk_partial;
 };
 
 constexpr int kFwdGridPerTile = 0;
 constexpr int kFwdGridStatic = 1;
 constexpr int kFwdGridDynamic = 2;
+// The static schedule with its last tiles shared by key blocks (sm90/stream_k.h; kFwdV2 and
+// kFwdV3NoPingPong, calls without band or varlen).
+constexpr int kFwdGridStreamK = 3;
 // Forward workspace under kFwdGridDynamic (the tile counter, padded).
 constexpr size_t kFwdDynamicWorkspace = 16;
 

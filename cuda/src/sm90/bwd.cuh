@@ -12,14 +12,6 @@
 
 namespace longflash::sm90 {
 
-__device__ __forceinline__ int ld_acquire(int const* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void red_release_add(int* p, int v) {
-  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
 // Fire-and-forget fp32 pair reduction: unlike atomicAdd, no value comes back, so the warp never
 // waits on the L2 round trip.
 __device__ __forceinline__ void red_add_f32x2(float* p, float a, float b) {

@@ -11,7 +11,13 @@
 #include <cutlass/numeric_types.h>
 
 #include "../params.h"
+#include "stream_k.h"
 #include "utils.cuh"
+
+// A lambda called from two places (a tile of the static schedule, a piece of its stream-K tail)
+// must still be inlined: out of line, its captured fragments and row arrays would live in local
+// memory.
+#define LF_ALWAYS_INLINE __attribute__((always_inline))
 
 namespace longflash::sm90 {
 
@@ -94,8 +100,11 @@ struct FwdTiles {
 // kExpEmu_: 3 of every 16 exponentials of the softmax go to exp2_fma (FMA pipe) so that the
 // MUFU pipe's time per tile drops below the tensor cores' (v3-emu, an A/B variant).
 // kDynamic_: tiles come from the dynamic schedule (Params::tile_counter) instead of the static one.
+// kStreamK_: the static schedule with its last tiles shared by key blocks (stream_k.h); only for
+// calls whose tiles all cost the same (no band, not varlen: api.cpp fwd_grid).
 template <typename Element_, int kDqk_, int kDv_, int kConsumerWGs_ = 2, int kStages_ = 2,
-          bool kPingPong_ = false, bool kExpEmu_ = false, bool kDynamic_ = false>
+          bool kPingPong_ = false, bool kExpEmu_ = false, bool kDynamic_ = false,
+          bool kStreamK_ = false>
 struct FwdKernelBase {
   using Element = Element_;
   static constexpr int kDqk = kDqk_;
@@ -110,13 +119,18 @@ struct FwdKernelBase {
   static constexpr bool kPingPong = kPingPong_;
   static constexpr bool kExpEmu = kExpEmu_;
   static constexpr bool kDynamic = kDynamic_;
+  static constexpr bool kStreamK = kStreamK_;
+  static_assert(!(kDynamic && kStreamK), "stream-K shares the static schedule's tail");
+  // Named barriers 8 + w: consumer warpgroup w's threads around a stream-K partial.
+  static constexpr int kStreamKBar = 8;
   static constexpr int kThreads = 128 * (kConsumerWGs + 1);
   static constexpr int kConsumerThreads = 128 * kConsumerWGs;
   // setmaxnreg split: 128x24 + 256x240 or 128x24 + 384x160, all of the CTA's 168 or 128 registers
   // per thread at entry. The dynamic schedule's producer (its tile phase, the claimed index, the
   // grouped decode) keeps a few values on the stack at 24: one thread that mostly waits. With
-  // three consumers it gets 32 (128x32 + 384x160 is all 64K registers).
-  static constexpr int kProducerRegs = kDynamic_ && kConsumerWGs_ == 3 ? 32 : 24;
+  // three consumers it gets 32 (128x32 + 384x160 is all 64K registers), and so does the stream-K
+  // tail's producer (its 64-bit run bounds spilled at 24).
+  static constexpr int kProducerRegs = (kDynamic_ || kStreamK_) && kConsumerWGs_ == 3 ? 32 : 24;
   static constexpr int kConsumerRegs = kConsumerWGs == 2 ? 240 : 160;
   static_assert(kConsumerWGs == 2 || (kConsumerWGs == 3 && kDqk <= 64 && kDv <= 64),
                 "three consumer warpgroups only fit 160 registers at hd64");
@@ -192,7 +206,17 @@ struct FwdKernelBase {
     float softcap_scale;  // scale / softcap
     int* tile_counter;    // dynamic schedule: zeroed before the launch; else unused
     int tile_group;       // dynamic schedule: FwdTiles::group
+    float* sk_partial;    // stream-K: per (CTA, warpgroup) slot, each thread's partial O, max, sum
+    int* sk_flags;        // stream-K: per (CTA, warpgroup) slot, 1 once written; zeroed before
   };
+
+  // The stream-K tail of this launch. Calls with a band or varlen never get here (api.cpp), but
+  // one key block per tile would also make every tile whole.
+  static __device__ __forceinline__ StreamKTail stream_k(Params const& p, FwdTiles const& tiles) {
+    bool const uniform = p.s.cu_q == nullptr && p.s.window_left < 0 && p.s.window_right < 0;
+    int const blocks = uniform ? (p.s.seqlen_k + kBlockN - 1) / kBlockN : 1;
+    return StreamKTail(tiles.total, int(gridDim.x), blocks);
+  }
 
   // The tile's query rows [i0, i0 + kBlockM) of sequence b and its key blocks [n_lo, n_hi]
   // (empty: n_lo > n_hi). False when the sequence has no row in the tile (varlen: shorter than
@@ -268,20 +292,8 @@ struct FwdKernelBase {
     RingState<kStages> st;
     uint32_t q_phase = 0;
     uint32_t tile_phase = 0;
-    int const rounds = kDynamic ? INT_MAX : tiles.rounds();
-    for (int r = 0; r < rounds; ++r) {
-      int m_block, h, b, i0, n_lo, n_hi;
-      SeqInfo seq;
-      BandMask band;
-      if constexpr (kDynamic) {
-        int const idx = fetch_tile(p, ss, r, tile_phase);
-        if (idx >= tiles.total) break;
-        tiles.decode(idx, m_block, h, b);
-        if (!tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi) || n_lo > n_hi) continue;
-      } else if (!tiles.get(r, m_block, h, b) ||
-                 !tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi) || n_lo > n_hi) {
-        continue;
-      }
+    // Q of the tile, then its key blocks n_hi down to n_lo.
+    auto load = [&](int h, SeqInfo const& seq, int i0, int n_lo, int n_hi) LF_ALWAYS_INLINE {
       int const hk = h / (p.s.heads_q / p.s.heads_k);
       Tensor gQ = local_tile(
           domain_offset(make_coord(seq.start_q + i0, _0{}), mQ(_, _, h, seq.tma_batch)),
@@ -311,6 +323,36 @@ struct FwdKernelBase {
         TxBarrier::arrive_and_expect_tx(&ss.v_full[st.index], kBytesV);
         copy(p.tma_v.with(ss.v_full[st.index]), tVg(_, n), tVs(_, st.index));
         st.advance();
+      }
+    };
+    StreamKTail const sk = kStreamK ? stream_k(p, tiles) : StreamKTail(0, 1, 1);
+    int const rounds = kDynamic ? INT_MAX : (kStreamK ? sk.dp_rounds : tiles.rounds());
+    for (int r = 0; r < rounds; ++r) {
+      int m_block, h, b, i0, n_lo, n_hi;
+      SeqInfo seq;
+      BandMask band;
+      if constexpr (kDynamic) {
+        int const idx = fetch_tile(p, ss, r, tile_phase);
+        if (idx >= tiles.total) break;
+        tiles.decode(idx, m_block, h, b);
+        if (!tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi) || n_lo > n_hi) continue;
+      } else if (!tiles.get(r, m_block, h, b) ||
+                 !tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi) || n_lo > n_hi) {
+        continue;
+      }
+      load(h, seq, i0, n_lo, n_hi);
+    }
+    if constexpr (kStreamK) {
+      long long lo, end;
+      sk.run(int(blockIdx.x), lo, end);
+      while (end > lo) {
+        int tile, k0, k1, role, m_block, h, b, i0, n_lo, n_hi;
+        sk.piece(lo, end, tile, k0, k1, role, end);
+        SeqInfo seq;
+        BandMask band;
+        tiles.decode(tile, m_block, h, b);
+        tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi);  // every tile has all the blocks
+        load(h, seq, i0, n_lo + k0, n_lo + k1 - 1);
       }
     }
   }
@@ -463,20 +505,10 @@ struct FwdKernelBase {
     ConsumerState cs;
     uint32_t tile_phase = 0;
 
-    int const rounds = kDynamic ? INT_MAX : tiles.rounds();
-    for (int round = 0; round < rounds; ++round) {
-      int m_block, h, b, i0, n_lo, n_hi;
-      SeqInfo seq;
-      BandMask band;
-      if constexpr (kDynamic) {
-        int const idx = receive_tile(ss, tile_phase);
-        if (idx >= tiles.total) break;
-        tiles.decode(idx, m_block, h, b);
-        if (!tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi)) continue;
-      } else if (!tiles.get(round, m_block, h, b) ||
-                 !tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi)) {
-        continue;
-      }
+    // One tile, or one stream-K piece of it: its key blocks n_hi down to n_lo, then O and lse (a
+    // writer piece leaves those to the merger; a merger folds the writer's partial in first).
+    auto process = [&](int h, int b, SeqInfo const& seq, BandMask const& band, int i0, int n_lo,
+                       int n_hi, int role) LF_ALWAYS_INLINE {
       float row_max[kRows];
       float row_sum[kRows];
       CUTLASS_PRAGMA_UNROLL
@@ -548,6 +580,11 @@ struct FwdKernelBase {
                  O_rc, softmax_step);
         cs.q_phase ^= 1;
       }
+      if constexpr (kStreamK) {
+        if (role != StreamKTail::kWhole) {
+          if (stream_k_partial(p, role, tid, O_rc, row_max, row_sum)) return;
+        }
+      }
 
       // Epilogue: normalise, write O (pairs of adjacent columns) and the natural-log lse. The
       // producer is already loading the next tile's Q and K/V meanwhile.
@@ -584,7 +621,95 @@ struct FwdKernelBase {
           }
         }
       }
+    };
+
+    StreamKTail const sk = kStreamK ? stream_k(p, tiles) : StreamKTail(0, 1, 1);
+    int const rounds = kDynamic ? INT_MAX : (kStreamK ? sk.dp_rounds : tiles.rounds());
+    for (int round = 0; round < rounds; ++round) {
+      int m_block, h, b, i0, n_lo, n_hi;
+      SeqInfo seq;
+      BandMask band;
+      if constexpr (kDynamic) {
+        int const idx = receive_tile(ss, tile_phase);
+        if (idx >= tiles.total) break;
+        tiles.decode(idx, m_block, h, b);
+        if (!tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi)) continue;
+      } else if (!tiles.get(round, m_block, h, b) ||
+                 !tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi)) {
+        continue;
+      }
+      process(h, b, seq, band, i0, n_lo, n_hi, StreamKTail::kWhole);
     }
+    if constexpr (kStreamK) {
+      long long lo, end;
+      sk.run(int(blockIdx.x), lo, end);
+      while (end > lo) {
+        int tile, k0, k1, role, m_block, h, b, i0, n_lo, n_hi;
+        sk.piece(lo, end, tile, k0, k1, role, end);
+        SeqInfo seq;
+        BandMask band;
+        tiles.decode(tile, m_block, h, b);
+        tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi);
+        process(h, b, seq, band, i0, n_lo + k0, n_lo + k1 - 1, role);
+      }
+    }
+  }
+
+  // A stream-K piece's hand-over, per consumer warpgroup (its 64 rows; slot = the writer CTA).
+  // Writer: store this thread's O accumulator, row maxima and partial row sums, then publish
+  // (fence, the warpgroup's barrier, a release store of the flag); returns true: no epilogue.
+  // Merger: wait for the flag (acquire), fold the partial into this thread's state as the online
+  // softmax would fold one more key block, return false: the epilogue writes O and lse. Writer
+  // and merger threads hold the same rows and columns (same warpgroup, same thread index).
+  template <class ORc>
+  static __device__ __forceinline__ bool stream_k_partial(Params const& p, int role, int tid,
+                                                          ORc& O_rc, float* row_max,
+                                                          float* row_sum) {
+    constexpr int kRows = decltype(size<0>(O_rc))::value;
+    constexpr int kCols = decltype(size<1>(O_rc))::value;
+    static_assert(kRows == 2 && kRows * kCols + 2 * kRows == stream_k_thread_floats(kDv),
+                  "stream_k.h sizes the partial as kDv / 2 accumulators and 2 rows per thread");
+    constexpr int kFloats = stream_k_thread_floats(kDv);
+    int const wgc = tid / 128, t = tid % 128;
+    int const slot = (role == StreamKTail::kWriter ? int(blockIdx.x) : int(blockIdx.x) - 1) *
+                         kConsumerWGs + wgc;
+    int* flag = p.sk_flags + slot;
+    float* part = p.sk_partial + int64_t(slot) * 128 * kFloats + t;  // [value][thread]
+    if (role == StreamKTail::kWriter) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kCols; ++c) part[(r * kCols + c) * 128] = O_rc(r, c);
+        part[(kRows * kCols + r) * 128] = row_max[r];
+        part[(kRows * kCols + kRows + r) * 128] = row_sum[r];
+      }
+      __threadfence();
+      named_sync(kStreamKBar + wgc, 128);
+      if (t == 0) st_release(flag, 1);
+      return true;
+    }
+    if (t == 0) {
+      while (ld_acquire(flag) != 1) {
+      }
+    }
+    named_sync(kStreamKBar + wgc, 128);
+    float const scale_log2 = p.scale_log2;
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float const other_max = __ldcg(part + (kRows * kCols + r) * 128);
+      float const other_sum = __ldcg(part + (kRows * kCols + kRows + r) * 128);
+      float const mx = fmaxf(row_max[r], other_max);
+      float const mx_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
+      float const mine = exp2f(row_max[r] * scale_log2 - mx_scaled);
+      float const theirs = exp2f(other_max * scale_log2 - mx_scaled);
+      row_max[r] = mx;
+      row_sum[r] = row_sum[r] * mine + other_sum * theirs;
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        O_rc(r, c) = O_rc(r, c) * mine + __ldcg(part + (r * kCols + c) * 128) * theirs;
+      }
+    }
+    return false;
   }
 };
 
@@ -610,6 +735,13 @@ struct FwdKernelDynamic : FwdKernelBase<Element, kDqk, kDv, 2, 2, false, false, 
 // v3-no-pingpong on the dynamic schedule (LONGFLASH_CUDA_FWD=v3-no-pingpong+dynamic, hd64).
 template <typename Element, int kDqk, int kDv>
 struct FwdKernelV3Dynamic : FwdKernelBase<Element, kDqk, kDv, 3, 4, false, false, true> {};
+
+// The static schedule with a stream-K tail (LONGFLASH_CUDA_FWD=+streamk; stream_k.h), for the
+// default kernel and the hd64 192-query one.
+template <typename Element, int kDqk, int kDv>
+struct FwdKernelStreamK : FwdKernelBase<Element, kDqk, kDv, 2, 2, false, false, false, true> {};
+template <typename Element, int kDqk, int kDv>
+struct FwdKernelV3StreamK : FwdKernelBase<Element, kDqk, kDv, 3, 4, false, false, false, true> {};
 
 template <class Kernel>
 __global__ void __launch_bounds__(Kernel::kThreads, 1)

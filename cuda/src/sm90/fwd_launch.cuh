@@ -35,6 +35,8 @@ cudaError_t launch_fwd_kernel(FwdArgs const& a, cudaStream_t stream) {
       s.softcap > 0.f ? s.scale / s.softcap : 0.f,
       K::kDynamic ? a.tile_counter : nullptr,
       K::kDynamic ? a.tile_group : 1,
+      K::kStreamK ? a.sk_partial : nullptr,
+      K::kStreamK ? a.sk_flags : nullptr,
   };
   auto kernel = fwd_kernel<K>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -62,6 +64,10 @@ cudaError_t launch_fwd_kernel(FwdArgs const& a, cudaStream_t stream) {
     err = cudaMemsetAsync(a.tile_counter, 0, sizeof(int), stream);
     if (err != cudaSuccess) return err;
   }
+  if constexpr (K::kStreamK) {
+    err = cudaMemsetAsync(a.sk_flags, 0, stream_k_flag_bytes(int(grid), K::kConsumerWGs), stream);
+    if (err != cudaSuccess) return err;
+  }
   kernel<<<dim3(unsigned(grid)), K::kThreads, K::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
@@ -79,11 +85,17 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       if (a.fwd_grid == kFwdGridDynamic) {
         return launch_fwd_kernel<FwdKernelV3Dynamic<Element, kDqk, kDv>>(a, stream);
       }
+      if (a.fwd_grid == kFwdGridStreamK) {
+        return launch_fwd_kernel<FwdKernelV3StreamK<Element, kDqk, kDv>>(a, stream);
+      }
       return launch_fwd_kernel<FwdKernelV3<Element, kDqk, kDv, false>>(a, stream);
     }
   }
   if (a.fwd_grid == kFwdGridDynamic) {
     return launch_fwd_kernel<FwdKernelDynamic<Element, kDqk, kDv>>(a, stream);
+  }
+  if (a.fwd_grid == kFwdGridStreamK) {
+    return launch_fwd_kernel<FwdKernelStreamK<Element, kDqk, kDv>>(a, stream);
   }
   return launch_fwd_kernel<FwdKernel<Element, kDqk, kDv>>(a, stream);
 }

@@ -98,6 +98,20 @@ __device__ __forceinline__ void convert_pairs(Src const& src, Dst& dst) {
   for (int k = 0; k < kN / 2; ++k) d[k] = Conv{}(s[k]);
 }
 
+// GPU-scope flags between CTAs: the waiter spins on ld_acquire, the setter publishes with a
+// release (after a fence and a barrier over the threads whose writes the flag covers).
+__device__ __forceinline__ int ld_acquire(int const* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void red_release_add(int* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_release(int* p, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
 // Named barriers (ids 1..15; 0 is __syncthreads). Counts are in threads, multiples of 32.
 __device__ __forceinline__ void named_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");

@@ -478,6 +478,11 @@ def test_forward_plan_by_shape(monkeypatch, d, n, window, varlen, want):
         ("v3+dynamic", 64, "v3+persistent"),  # ping-pong v3 has no dynamic schedule
         ("v3-emu", 128, "v2+persistent"),  # the v3 kernels exist at hd64 only
         ("default", 64, "v3-no-pingpong+persistent"),
+        # the static schedule with its last tiles shared by key blocks
+        ("+streamk", 128, "v2+streamk"),
+        ("+streamk", 64, "v3-no-pingpong+streamk"),
+        ("v2+streamk", 64, "v2+streamk"),
+        ("v3+streamk", 64, "v3+persistent"),  # ping-pong v3 has no stream-K form
     ],
 )
 def test_forward_plan_follows_the_variable(monkeypatch, env, d, want):
@@ -496,6 +501,43 @@ def test_dynamic_schedule_groups_heads_whose_kv_fits_8mib(monkeypatch, d, n, hq,
     monkeypatch.setenv("LONGFLASH_CUDA_FWD", "+dynamic")
     p = params(head_dim_qk=d, head_dim_v=d, seqlen_q=n, seqlen_k=n, heads_q=hq, heads_k=hq)
     assert plan(p).endswith(f"+dynamic+g{want}")
+
+
+@pytest.mark.parametrize(
+    "window, varlen", [((-1, 0), False), ((100, 0), False), ((-1, 5), False), ((-1, -1), True)]
+)
+def test_stream_k_only_where_every_tile_costs_the_same(monkeypatch, window, varlen):
+    """A band or varlen makes tiles unequal: "+streamk" then runs the static schedule it extends,
+    and the forward asks for no workspace."""
+    monkeypatch.setenv("LONGFLASH_CUDA_FWD", "+streamk")
+    kw = dict(head_dim_qk=128, head_dim_v=128, seqlen_q=4096, seqlen_k=4096)
+    kw.update(window_left=window[0], window_right=window[1])
+    if varlen:
+        kw.update(cu_seqlens_q=FAKE, cu_seqlens_k=FAKE, total_q=8192, total_k=8192, batch=2)
+    p = params(**kw)
+    assert plan(p) == "v2+persistent"
+    n = ctypes.c_size_t(1)
+    assert lib.lf_attention_forward_workspace_size(ctypes.byref(p), ctypes.byref(n)) == 0
+    assert n.value == 0
+
+
+@pytest.mark.parametrize("d, wgs", [(128, 2), (64, 3), (256, 2), (96, 2)])
+def test_stream_k_workspace_holds_a_partial_per_cta_and_warpgroup(monkeypatch, d, wgs):
+    """stream_k.h's size: a flag per (CTA, consumer warpgroup), 256-byte padded, then 128 threads'
+    O accumulators (d / 2 floats) and two rows' max and sum, per (CTA, warpgroup), for as many
+    CTAs as the device has SMs (1024 where no device answers)."""
+    monkeypatch.setenv("LONGFLASH_CUDA_FWD", "+streamk")
+    p = params(head_dim_qk=d, head_dim_v=d, seqlen_q=8192, seqlen_k=8192)
+    n = ctypes.c_size_t(0)
+    assert lib.lf_attention_forward_workspace_size(ctypes.byref(p), ctypes.byref(n)) == 0
+    try:
+        import torch
+
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+    except (ImportError, RuntimeError, AssertionError):
+        sms = 1024
+    flags = (sms * wgs * 4 + 255) // 256 * 256
+    assert n.value == flags + sms * wgs * 128 * (d // 2 + 4) * 4
 
 
 def test_forward_plan_of_bad_params_is_null():

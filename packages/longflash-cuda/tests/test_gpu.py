@@ -420,6 +420,65 @@ _PERSISTENT_CASES = [
 ]
 
 
+_STREAM_K_CASES = [
+    # d, b, nq, nk, hq, hk, fp16, ctas: tile counts that leave a partial last round
+    (128, 2, 1000, 1000, 17, 17, False, None),  # 272 tiles on the whole GPU
+    (128, 1, 1000, 1000, 7, 7, False, "5"),  # 56 tiles on 5 CTAs: tail pieces of 8 blocks
+    (128, 1, 1000, 777, 7, 1, True, "3"),  # MQA, a partial key block, 56 tiles on 3 CTAs
+    (64, 1, 4096, 4096, 7, 7, False, "5"),  # the 192-query kernel (22 tiles a head)
+    (64, 2, 1500, 700, 16, 4, False, "7"),
+    (256, 1, 640, 900, 9, 3, False, "4"),
+    (96, 1, 1000, 1000, 5, 5, True, "6"),
+]
+
+
+@pytest.mark.parametrize("d, b, nq, nk, hq, hk, fp16, ctas", _STREAM_K_CASES)
+def test_stream_k_forward_matches_the_static_schedule(
+    monkeypatch, d, b, nq, nk, hq, hk, fp16, ctas
+):
+    """The stream-K tail (stream_k.h) computes the last tiles in two pieces on two CTAs and
+    merges them, so out and lse equal the static schedule's to rounding, not bitwise; a split
+    tile that nobody merges leaves NaN (the poisoned memory under the outputs) or a wrong row.
+    Two runs are bitwise equal: the cut points depend on the shape and grid only."""
+    import ctypes
+
+    from longflash_cuda import _lib, _torch, make_params
+
+    dt = torch.float16 if fp16 else torch.bfloat16
+    if (d, d) not in _lib.compiled_head_dims(_lib.load()[0])[str(dt).removeprefix("torch.")]:
+        pytest.skip(f"hd{d} is not in this build")
+    torch.manual_seed(0)
+    q, k, v, call, _ = _forward_inputs(d, b, nq, nk, hq, hk, dt, None, causal=False, window=None)
+    if ctas is None:
+        monkeypatch.delenv("LONGFLASH_CUDA_FWD_CTAS", raising=False)
+    else:
+        monkeypatch.setenv("LONGFLASH_CUDA_FWD_CTAS", ctas)
+    results = {}
+    for name in ("persistent", "streamk", "streamk"):
+        monkeypatch.setenv("LONGFLASH_CUDA_FWD", f"+{name}")
+        assert (
+            _lib.load()[0]
+            .lf_forward_plan(ctypes.byref(make_params(call)))
+            .decode()
+            .endswith(f"+{name}")
+        )
+        poison = torch.full((1 << 26,), float("nan"), device="cuda")
+        del poison
+        out, lse = _torch.forward(call, q, k, v)
+        torch.cuda.synchronize()
+        if name in results:
+            assert torch.equal(out, results[name][0]) and torch.equal(lse, results[name][1])
+        results[name] = (out, lse)
+    (out_s, lse_s), (out_k, lse_k) = results["persistent"], results["streamk"]
+    assert not torch.isnan(out_k).any() and not torch.isnan(lse_k).any()
+    tol = 5e-3 if fp16 else 2e-2
+    assert _rel(out_k, out_s) < tol / 4
+    assert (lse_k - lse_s).abs().max().item() < 1e-4
+    ref, ref_lse = _fwd_ref64(q, k, v, call.scale, call.window, None)
+    assert _rel(out_k, ref) < tol
+    assert (lse_k.double() - ref_lse).abs().max().item() < 1e-2
+
+
 @pytest.mark.parametrize("sched", ["persistent", "dynamic", "dynamic+g3"])
 @pytest.mark.parametrize(
     "fwd, d, b, nq, nk, hq, hk, causal, window, varlen",
