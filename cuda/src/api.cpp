@@ -608,18 +608,7 @@ lf_status lf_attention_forward(const lf_attention_params* params, lf_tensor q, l
   a.fwd_grid = fwd_grid(a.s);
   a.max_ctas = fwd_max_ctas();
   a.tile_group = a.fwd_grid == kFwdGridDynamic ? fwd_tile_group(a.s) : 1;
-  if (a.fwd_grid == kFwdGridDynamic) {
-    if (workspace_bytes < kFwdDynamicWorkspace || workspace == nullptr) {
-      return fail(LF_ERROR_WORKSPACE, "workspace is %zu bytes, the call needs %zu "
-                  "(lf_attention_forward_workspace_size)", workspace == nullptr ? 0 : workspace_bytes,
-                  kFwdDynamicWorkspace);
-    }
-    if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0) {
-      return fail(LF_ERROR_WORKSPACE, "workspace must be 16-byte aligned");
-    }
-    a.tile_counter = static_cast<int*>(workspace);
-  }
-  if (a.fwd_grid == kFwdGridStreamK) {
+  if (a.fwd_grid == kFwdGridDynamic || a.fwd_grid == kFwdGridStreamK) {
     size_t const need = fwd_workspace(p);
     if (workspace_bytes < need || workspace == nullptr) {
       return fail(LF_ERROR_WORKSPACE, "workspace is %zu bytes, the call needs %zu "
@@ -629,6 +618,9 @@ lf_status lf_attention_forward(const lf_attention_params* params, lf_tensor q, l
     if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0) {
       return fail(LF_ERROR_WORKSPACE, "workspace must be 16-byte aligned");
     }
+  }
+  if (a.fwd_grid == kFwdGridDynamic) a.tile_counter = static_cast<int*>(workspace);
+  if (a.fwd_grid == kFwdGridStreamK) {
     char* const ws = static_cast<char*>(workspace);
     a.sk_flags = reinterpret_cast<int*>(ws);
     a.sk_partial = reinterpret_cast<float*>(

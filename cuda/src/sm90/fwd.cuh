@@ -346,15 +346,28 @@ struct FwdKernelBase {
       long long lo, end;
       sk.run(int(blockIdx.x), lo, end);
       while (end > lo) {
-        int tile, k0, k1, role, m_block, h, b, i0, n_lo, n_hi;
-        sk.piece(lo, end, tile, k0, k1, role, end);
+        int h, b, i0, n_lo, n_hi, role;
         SeqInfo seq;
         BandMask band;
-        tiles.decode(tile, m_block, h, b);
-        tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi);  // every tile has all the blocks
-        load(h, seq, i0, n_lo + k0, n_lo + k1 - 1);
+        tail_piece(p, tiles, sk, lo, end, h, b, seq, band, i0, n_lo, n_hi, role);
+        load(h, seq, i0, n_lo, n_hi);
       }
     }
+  }
+
+  // The next piece of this CTA's stream-K run, the one that ends at `end` (which then moves down
+  // to the piece's start): its head, sequence, rows, key blocks [n_lo, n_hi] and role.
+  static __device__ __forceinline__ void tail_piece(Params const& p, FwdTiles const& tiles,
+                                                    StreamKTail const& sk, long long lo,
+                                                    long long& end, int& h, int& b, SeqInfo& seq,
+                                                    BandMask& band, int& i0, int& n_lo,
+                                                    int& n_hi, int& role) {
+    int tile, k0, k1, m_block;
+    sk.piece(lo, end, tile, k0, k1, role, end);
+    tiles.decode(tile, m_block, h, b);
+    tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi);  // every tile has all its key blocks
+    n_hi = n_lo + k1 - 1;
+    n_lo += k0;
   }
 
   // Dynamic schedule, producer side: claim the CTA's r-th tile (the first is blockIdx.x, the
@@ -644,13 +657,11 @@ struct FwdKernelBase {
       long long lo, end;
       sk.run(int(blockIdx.x), lo, end);
       while (end > lo) {
-        int tile, k0, k1, role, m_block, h, b, i0, n_lo, n_hi;
-        sk.piece(lo, end, tile, k0, k1, role, end);
+        int h, b, i0, n_lo, n_hi, role;
         SeqInfo seq;
         BandMask band;
-        tiles.decode(tile, m_block, h, b);
-        tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi);
-        process(h, b, seq, band, i0, n_lo + k0, n_lo + k1 - 1, role);
+        tail_piece(p, tiles, sk, lo, end, h, b, seq, band, i0, n_lo, n_hi, role);
+        process(h, b, seq, band, i0, n_lo, n_hi, role);
       }
     }
   }

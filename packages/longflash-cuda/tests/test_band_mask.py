@@ -6,27 +6,6 @@ so a host compiler checks it on any machine."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def test_band_mask_ranges_equal_brute_force(tmp_path):
-    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler on this machine")
-    exe = tmp_path / "band_mask_check"
-    build = subprocess.run(
-        [cxx, "-std=c++17", "-O2", "-Wall", "-Werror", f"-I{ROOT / 'cuda/src/sm90'}",
-         str(Path(__file__).with_name("band_mask_check.cpp")), "-o", str(exe)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert build.returncode == 0, build.stderr
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.startswith("ok ")
-    assert int(run.stdout.split()[1]) > 10_000_000  # every loop ran
+def test_band_mask_ranges_equal_brute_force(host_check):
+    assert host_check("band_mask_check") > 10_000_000  # every loop ran
