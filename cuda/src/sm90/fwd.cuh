@@ -343,31 +343,29 @@ struct FwdKernelBase {
       load(h, seq, i0, n_lo, n_hi);
     }
     if constexpr (kStreamK) {
-      long long lo, end;
-      sk.run(int(blockIdx.x), lo, end);
-      while (end > lo) {
-        int h, b, i0, n_lo, n_hi, role;
-        SeqInfo seq;
-        BandMask band;
-        tail_piece(p, tiles, sk, lo, end, h, b, seq, band, i0, n_lo, n_hi, role);
-        load(h, seq, i0, n_lo, n_hi);
-      }
+      for_each_tail_piece(p, tiles, sk,
+                          [&](int h, int, SeqInfo const& seq, BandMask const&, int i0, int n_lo,
+                              int n_hi, int) LF_ALWAYS_INLINE { load(h, seq, i0, n_lo, n_hi); });
     }
   }
 
-  // The next piece of this CTA's stream-K run, the one that ends at `end` (which then moves down
-  // to the piece's start): its head, sequence, rows, key blocks [n_lo, n_hi] and role.
-  static __device__ __forceinline__ void tail_piece(Params const& p, FwdTiles const& tiles,
-                                                    StreamKTail const& sk, long long lo,
-                                                    long long& end, int& h, int& b, SeqInfo& seq,
-                                                    BandMask& band, int& i0, int& n_lo,
-                                                    int& n_hi, int& role) {
-    int tile, k0, k1, m_block;
-    sk.piece(lo, end, tile, k0, k1, role, end);
-    tiles.decode(tile, m_block, h, b);
-    tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi);  // every tile has all its key blocks
-    n_hi = n_lo + k1 - 1;
-    n_lo += k0;
+  // work(h, b, seq, band, i0, n_lo, n_hi, role) for each piece of this CTA's stream-K run, top
+  // down: the piece's head, sequence, rows, key blocks [n_lo, n_hi] and role.
+  template <class Work>
+  static __device__ __forceinline__ void for_each_tail_piece(Params const& p,
+                                                             FwdTiles const& tiles,
+                                                             StreamKTail const& sk, Work&& work) {
+    long long lo, end;
+    sk.run(int(blockIdx.x), lo, end);
+    while (end > lo) {
+      int tile, k0, k1, role, m_block, h, b, i0, n_lo, n_hi;
+      SeqInfo seq;
+      BandMask band;
+      sk.piece(lo, end, tile, k0, k1, role, end);
+      tiles.decode(tile, m_block, h, b);
+      tile_keys(p, m_block, b, seq, band, i0, n_lo, n_hi);  // every tile has all its key blocks
+      work(h, b, seq, band, i0, n_lo + k0, n_lo + k1 - 1, role);
+    }
   }
 
   // Dynamic schedule, producer side: claim the CTA's r-th tile (the first is blockIdx.x, the
@@ -653,17 +651,7 @@ struct FwdKernelBase {
       }
       process(h, b, seq, band, i0, n_lo, n_hi, StreamKTail::kWhole);
     }
-    if constexpr (kStreamK) {
-      long long lo, end;
-      sk.run(int(blockIdx.x), lo, end);
-      while (end > lo) {
-        int h, b, i0, n_lo, n_hi, role;
-        SeqInfo seq;
-        BandMask band;
-        tail_piece(p, tiles, sk, lo, end, h, b, seq, band, i0, n_lo, n_hi, role);
-        process(h, b, seq, band, i0, n_lo, n_hi, role);
-      }
-    }
+    if constexpr (kStreamK) for_each_tail_piece(p, tiles, sk, process);
   }
 
   // A stream-K piece's hand-over, per consumer warpgroup (its 64 rows; slot = the writer CTA).
