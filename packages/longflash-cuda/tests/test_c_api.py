@@ -526,6 +526,8 @@ def test_stream_k_workspace_holds_a_partial_per_cta_and_warpgroup(monkeypatch, d
     """stream_k.h's size: a flag per (CTA, consumer warpgroup), 256-byte padded, then 128 threads'
     O accumulators (d / 2 floats) and two rows' max and sum, per (CTA, warpgroup), for as many
     CTAs as the device has SMs (1024 where no device answers)."""
+    if (d, d) not in _lib.compiled_head_dims(lib)["bfloat16"]:
+        pytest.skip(f"hd{d} is not in this build (CI builds hd128)")
     monkeypatch.setenv("LONGFLASH_CUDA_FWD", "+streamk")
     p = params(head_dim_qk=d, head_dim_v=d, seqlen_q=8192, seqlen_k=8192)
     n = ctypes.c_size_t(0)
