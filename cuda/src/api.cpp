@@ -431,10 +431,8 @@ int fwd_consumer_wgs(AttnShape const& s) {
 // Multiprocessors of the current device; an upper bound where it cannot be asked (a workspace
 // size query may come before any CUDA work).
 int device_sms() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      sms <= 0) {
+  int sms = 0;
+  if (sm_count(sms) != cudaSuccess || sms <= 0) {
     cudaGetLastError();
     return 1024;
   }

@@ -194,4 +194,13 @@ cudaError_t launch_fill(float* x, int64_t n, float value, cudaStream_t stream);
 constexpr int kBwdBlockM = 64;
 constexpr int kBwdBlockN = 64;
 
+// Multiprocessors of the current device: a persistent grid's size, and what the stream-K
+// workspace is sized for (api.cpp).
+inline cudaError_t sm_count(int& sms) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  return cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+}
+
 }  // namespace longflash

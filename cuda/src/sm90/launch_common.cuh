@@ -1,4 +1,4 @@
-// Host helpers shared by the sm90 launchers: global tensor views for TMA descriptors, the SM count.
+// Host helpers shared by the sm90 launchers: global tensor views for TMA descriptors.
 // No kernels. Target: sm_90a hosts (descriptors are built on the CPU).
 #pragma once
 
@@ -17,14 +17,6 @@ auto gmem_view(TensorRef const& t, int rows, int dim, int heads, int batch) {
                      make_layout(make_shape(int32_t(rows), int32_t(dim), int32_t(heads),
                                             int32_t(batch)),
                                  make_stride(t.seq_stride, _1{}, t.head_stride, t.batch_stride)));
-}
-
-// Multiprocessors of the current device (a persistent grid's size).
-inline cudaError_t sm_count(int& sms) {
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  return cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
 }
 
 }  // namespace longflash::sm90
