@@ -423,13 +423,15 @@ def bench(fn, warmup=3, iters=10) -> float:
     return times[len(times) // 2]
 
 
-def interleaved(cases: dict, rounds: int = 3) -> dict[str, float]:
+def interleaved(cases: dict, rounds: int = 3, timer=None) -> dict[str, float]:
     """Median ms of each case over `rounds` passes that each time every case once (bench), in
     turn, so the clock and temperature drift of a long run falls on all cases alike instead of on
     whichever runs last. Pass r starts at case r (mod the count), so every case takes every
     position equally often over a multiple of the count: on the H200 the first case of a
     fixed order measured up to 10% faster than the same kernel under another name (session 9).
-    cases: name -> (setup, fn); setup() runs before each timing of fn."""
+    cases: name -> (setup, fn); setup() runs before each timing of fn. timer(fn) -> ms: a burst of
+    ten runs (bench) unless given."""
+    timer = timer or bench
     times: dict[str, list[float]] = {name: [] for name in cases}
     names = list(cases)
     for r in range(rounds):
@@ -437,7 +439,7 @@ def interleaved(cases: dict, rounds: int = 3) -> dict[str, float]:
         for name in names[s:] + names[:s]:
             setup, fn = cases[name]
             setup()
-            times[name].append(bench(fn))
+            times[name].append(timer(fn))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -13,7 +13,11 @@ and `+g<n>` the dynamic schedule's longest-first group of n heads (`+dynamic+g1`
 Each variant's out and lse are compared with the first variant's, and out with SDPA flash's.
 Timings are medians over --rounds passes, each of which times every variant and peer in turn,
 starting one further along each pass, so that neither drift during the run nor the position in
-a pass favours one of them.
+a pass favours one of them. `--timing burst` (default) times ten back-to-back runs per turn, so a
+turn's clock is much what the previous turn left; `--timing bench` times each turn as
+`longflash bench` does (50 ms of warm-up, 250 ms of runs with L2 flushed between them), so each
+kernel runs at its own sustained clock (session 15: the burst timing put the same kernel 5% apart
+under two names).
 
     LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so \
     PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src \
@@ -50,13 +54,28 @@ def main() -> int:
     ap.add_argument(
         "--rounds", type=int, default=3, help="interleaved passes over all variants (median)"
     )
+    ap.add_argument("--timing", choices=("burst", "bench"), default="burst")
+    ap.add_argument("--masks", default="dense,causal", help="dense, causal or both")
     args = ap.parse_args()
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name()}
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": torch.cuda.get_device_name(),
+        "timing": args.timing,
+    }
+    timer = None
+    if args.timing == "bench":
+        from longflash.bench.torch_harness import TorchHarness
+
+        harness = TorchHarness("cuda")
+        timer = lambda fn: harness._time(fn).median_ms  # noqa: E731 (the bench's own timer)
     rows: list[dict] = []
     variants = args.variants.split(",")
+    masks = [{"dense": False, "causal": True}[m] for m in args.masks.split(",")]
     for d in (int(x) for x in args.dims.split(",")):
         for n in (int(x) for x in args.seqlens.split(",")):
-            rows += measure(max(1, args.tokens // n), n, args.width // d, d, variants, args.rounds)
+            rows += measure(
+                max(1, args.tokens // n), n, args.width // d, d, variants, args.rounds, timer, masks
+            )
             report["timings"] = rows
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
@@ -81,7 +100,16 @@ def _sdpa(backend, qt, kt, vt, causal: bool) -> torch.Tensor:
         return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
 
 
-def measure(b: int, n: int, h: int, d: int, variants: list[str], rounds: int) -> list[dict]:
+def measure(
+    b: int,
+    n: int,
+    h: int,
+    d: int,
+    variants: list[str],
+    rounds: int,
+    timer=None,
+    masks=(False, True),
+) -> list[dict]:
     from torch.nn.attention import SDPBackend
 
     torch.manual_seed(0)
@@ -90,7 +118,7 @@ def measure(b: int, n: int, h: int, d: int, variants: list[str], rounds: int) ->
     v = torch.randn_like(q)
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     rows = []
-    for causal in (False, True):
+    for causal in masks:
         flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
         call = lft.make_call(q, k, v, causal=causal)
         row = {"causal": causal, "B": b, "N": n, "H": h, "D": d, "rounds": rounds}
@@ -123,7 +151,7 @@ def measure(b: int, n: int, h: int, d: int, variants: list[str], rounds: int) ->
                 row[f"{variants[0]}_out_rel_vs_flash"] = rel(ref[0], o.transpose(1, 2))
             del o
             cases[name] = (unset, fn)
-        for name, t in interleaved(cases, rounds).items():
+        for name, t in interleaved(cases, rounds, timer).items():
             row[f"{name}_fwd_ms"] = t
             row[f"{name}_fwd_tflops"] = flops / t / 1e9
             print(name, n, d, "causal" if causal else "dense", f"{t:.3f} ms", flush=True)
