@@ -104,7 +104,7 @@ struct FwdTiles {
 // calls whose tiles all cost the same (no band, not varlen: api.cpp fwd_grid).
 template <typename Element_, int kDqk_, int kDv_, int kConsumerWGs_ = 2, int kStages_ = 2,
           bool kPingPong_ = false, bool kExpEmu_ = false, bool kDynamic_ = false,
-          bool kStreamK_ = false>
+          bool kStreamK_ = false, bool kLazy_ = (kDv_ >= 256)>
 struct FwdKernelBase {
   using Element = Element_;
   static constexpr int kDqk = kDqk_;
@@ -120,6 +120,16 @@ struct FwdKernelBase {
   static constexpr bool kExpEmu = kExpEmu_;
   static constexpr bool kDynamic = kDynamic_;
   static constexpr bool kStreamK = kStreamK_;
+  // kLazy_ (hd256, on every schedule, so that all of them compute a tile alike): a row keeps its
+  // reference maximum until a score exceeds it by more than 2^kHeadroom, so most key blocks skip
+  // the rescale of O (kRows x kDv/4 multiplies per thread, at hd256 as many as the block's
+  // softmax takes) and its wait for P·V. P then lies in [0, 2^kHeadroom], well inside fp16 and
+  // bf16; O, the sum and lse all refer to the same reference, so the result is the same softmax.
+  // On the H200 (session 15, NOTES-cuda.md "Lazy rescaling") it ran 1.025-1.035x at hd256,
+  // 0.99-1.02x at hd128 and 0.97-0.98x at hd64.
+  static constexpr bool kLazy = kLazy_;
+  static constexpr float kHeadroom = 8.f;
+  static_assert(!(kLazy && kExpEmu), "exp2_fma takes x <= 0 only");
   static_assert(!(kDynamic && kStreamK), "stream-K shares the static schedule's tail");
   // Named barriers 8 + w: consumer warpgroup w's threads around a stream-K partial.
   static constexpr int kStreamKBar = 8;
@@ -471,10 +481,17 @@ struct FwdKernelBase {
       warpgroup_fence_operand(rP);
       Barrier::arrive(&ss.v_empty[st_v.index]);
       st_v.advance();
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < kRows; ++r) {
+      bool rescale = !kLazy;
+      if constexpr (kLazy) {
         CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= corr[r];
+        for (int r = 0; r < kRows; ++r) rescale |= corr[r] != 1.f;
+      }
+      if (rescale) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= corr[r];
+        }
       }
       convert_pairs(tSrS, rP);  // P, the A operand of P·V
     }
@@ -563,13 +580,16 @@ struct FwdKernelBase {
           // A row with no visible key so far keeps max -inf; subtract 0 then so exp2 gives 0,
           // not NaN.
           float const mx_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
-          corr[r] = exp2f(row_max[r] * scale_log2 - mx_scaled);
-          row_max[r] = mx;
+          bool const keep = kLazy && mx * scale_log2 <= row_max[r] * scale_log2 + kHeadroom;
+          float const ref_scaled =
+              keep ? (row_max[r] == -INFINITY ? 0.f : row_max[r] * scale_log2) : mx_scaled;
+          corr[r] = keep ? 1.f : exp2f(row_max[r] * scale_log2 - mx_scaled);
+          if (!keep) row_max[r] = mx;
           float sum = 0.f;
           if constexpr (kExpEmu) {
             CUTLASS_PRAGMA_UNROLL
             for (int c = 0; c < size<1>(S_rc); ++c) {
-              float const x = S_rc(r, c) * scale_log2 - mx_scaled;
+              float const x = S_rc(r, c) * scale_log2 - ref_scaled;
               float const e = c % 16 >= 13 ? exp2_fma(x) : exp2f(x);
               S_rc(r, c) = e;
               sum += e;
@@ -577,7 +597,7 @@ struct FwdKernelBase {
           } else {
             CUTLASS_PRAGMA_UNROLL
             for (int c = 0; c < size<1>(S_rc); ++c) {
-              float const e = exp2f(S_rc(r, c) * scale_log2 - mx_scaled);
+              float const e = exp2f(S_rc(r, c) * scale_log2 - ref_scaled);
               S_rc(r, c) = e;
               sum += e;
             }

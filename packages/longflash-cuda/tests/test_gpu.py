@@ -405,6 +405,59 @@ def test_forward_v3_hd64_matches_float64(
     assert (lse.double()[~empty] - ref_lse[~empty]).abs().max().item() < 1e-2
 
 
+def _lazy_events(s_log2, block, headroom=8.0):
+    """(keeps above the reference, moves after the first block) of fwd.cuh's lazy rescale over
+    scores s_log2 (rows x keys, log2 units, -inf hidden), key blocks visited last to first."""
+    nk = s_log2.shape[-1]
+    ref = torch.full(s_log2.shape[:-1], -math.inf, dtype=s_log2.dtype, device=s_log2.device)
+    keeps_above = moves_late = 0
+    for i, n in enumerate(reversed(range(0, nk, block))):
+        mx = torch.maximum(ref, s_log2[..., n : n + block].amax(-1))
+        move = mx > ref + headroom
+        keeps_above += int((~move & (mx > ref)).sum())
+        moves_late += int(move.sum()) if i > 0 else 0
+        ref = torch.where(move, mx, ref)
+    return keeps_above, moves_late
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_lazy_rescale_follows_a_growing_maximum(dtype, causal):
+    """The hd256 forward keeps each row's reference maximum until a score exceeds it by 2^8
+    (fwd.cuh kLazy). Random scores almost never move it after the first key block, so here they
+    grow toward the first keys, which the kernel visits last, by ~5 (log2 units) a 64-key block:
+    some blocks keep the reference with P up to 2^8, others move it and must rescale O."""
+    from longflash_cuda import _lib, _torch
+
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float16
+    key = "bfloat16" if dtype == "bf16" else "float16"
+    if (256, 256) not in _lib.compiled_head_dims(_lib.load()[0])[key]:
+        pytest.skip(f"hd256 {key} is not in this build")
+    torch.manual_seed(0)
+    nq, nk, h, d = 300, 1000, 2, 256
+    u = torch.nn.functional.normalize(torch.randn(d, device="cuda"), dim=0)
+    ramp = 29.6 * (1 - torch.arange(nk, device="cuda") / nk)  # 80 log2 units over the keys
+    q = (0.3 * torch.randn(1, nq, h, d, device="cuda") + 30 * u).to(dt)
+    k = (0.3 * torch.randn(1, nk, h, d, device="cuda") + ramp[None, :, None, None] * u).to(dt)
+    v = torch.randn(1, nk, h, d, device="cuda", dtype=dt)
+    from longflash.frontends import torch as lft
+
+    call = lft.make_call(q, k, v, causal=causal)
+    out, lse = _torch.forward(call, q, k, v)
+    torch.cuda.synchronize()
+    ref, ref_lse = _fwd_ref64(q, k, v, call.scale, call.window, None)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * call.scale / math.log(2)
+    if causal:
+        i = torch.arange(nq, device="cuda")[:, None]
+        j = torch.arange(nk, device="cuda")[None, :]
+        s = s.masked_fill(j > i + nk - nq, -math.inf)
+    keeps_above, moves_late = _lazy_events(s, 64)
+    assert keeps_above > 1000 and moves_late > 1000  # the data does what the test is about
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert _rel(out, ref) < (2e-2 if dtype == "bf16" else 5e-3)
+    assert (lse.double() - ref_lse).abs().max().item() < 1e-2
+
+
 _HD64_FWD_VARIANTS = ["default", "v3-no-pingpong", "v3", "v2"]
 _PERSISTENT_CASES = [
     # d, b, nq, nk, hq, hk, causal, window, varlen
