@@ -439,12 +439,12 @@ int device_sms() {
   return sms;
 }
 
-size_t fwd_workspace(lf_attention_params const& p) {
-  AttnShape const s = make_shape(p);
-  switch (fwd_grid(s)) {
+// The forward's workspace for shape s on `grid` (fwd_grid), on a device of `sms` SMs.
+size_t fwd_workspace(AttnShape const& s, int grid, int sms) {
+  switch (grid) {
     case kFwdGridDynamic: return kFwdDynamicWorkspace;
     case kFwdGridStreamK:
-      return size_t(sm90::stream_k_workspace_bytes(device_sms(), fwd_consumer_wgs(s), s.dv));
+      return size_t(sm90::stream_k_workspace_bytes(sms, fwd_consumer_wgs(s), s.dv));
     default: return 0;
   }
 }
@@ -571,7 +571,9 @@ lf_status lf_attention_forward_workspace_size(const lf_attention_params* params,
   lf_status st = check_params(params);
   if (st != LF_SUCCESS) return st;
   if (bytes == nullptr) return fail(LF_ERROR_INVALID_ARGUMENT, "bytes is NULL");
-  *bytes = fwd_workspace(*params);
+  AttnShape const s = make_shape(*params);
+  int const grid = fwd_grid(s);
+  *bytes = fwd_workspace(s, grid, grid == kFwdGridStreamK ? device_sms() : 0);
   return ok();
 }
 
@@ -606,8 +608,9 @@ lf_status lf_attention_forward(const lf_attention_params* params, lf_tensor q, l
   a.fwd_grid = fwd_grid(a.s);
   a.max_ctas = fwd_max_ctas();
   a.tile_group = a.fwd_grid == kFwdGridDynamic ? fwd_tile_group(a.s) : 1;
+  int const sms = a.fwd_grid == kFwdGridStreamK ? device_sms() : 0;
   if (a.fwd_grid == kFwdGridDynamic || a.fwd_grid == kFwdGridStreamK) {
-    size_t const need = fwd_workspace(p);
+    size_t const need = fwd_workspace(a.s, a.fwd_grid, sms);
     if (workspace_bytes < need || workspace == nullptr) {
       return fail(LF_ERROR_WORKSPACE, "workspace is %zu bytes, the call needs %zu "
                   "(lf_attention_forward_workspace_size)", workspace == nullptr ? 0 : workspace_bytes,
@@ -622,7 +625,7 @@ lf_status lf_attention_forward(const lf_attention_params* params, lf_tensor q, l
     char* const ws = static_cast<char*>(workspace);
     a.sk_flags = reinterpret_cast<int*>(ws);
     a.sk_partial = reinterpret_cast<float*>(
-        ws + sm90::stream_k_flag_bytes(device_sms(), fwd_consumer_wgs(a.s)));
+        ws + sm90::stream_k_flag_bytes(sms, fwd_consumer_wgs(a.s)));
   }
   if (p.batch == 0 || tokens_q(p) == 0) return ok();
   if ((st = check_device()) != LF_SUCCESS) return st;
