@@ -12,26 +12,31 @@ import torch
 
 
 class ClockSampler:
-    """nvidia-smi's SM clock (MHz) and power (W) every ~20 ms, on a daemon thread."""
+    """nvidia-smi's SM clock (MHz) and power (W) every ~20 ms, on a daemon thread; with
+    reasons=True also the active clock-event (throttle) reasons, as a hex string."""
 
-    def __init__(self, period_s: float = 0.02) -> None:
-        self.samples: list[tuple[float, int, float]] = []
+    def __init__(self, period_s: float = 0.02, reasons: bool = False) -> None:
+        self.samples: list[tuple] = []  # (time, clock, power[, reasons])
         self._period = period_s
+        self._fields = "clocks.sm,power.draw" + (",clocks_event_reasons.active" if reasons else "")
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
-        query = ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"]
+        query = ["nvidia-smi", f"--query-gpu={self._fields}", "--format=csv,noheader,nounits"]
         while True:
             r = subprocess.run(query, capture_output=True, text=True)
             try:
-                clock, power = r.stdout.strip().split(",")
-                self.samples.append((time.time(), int(clock), float(power)))
+                clock, power, *reasons = (x.strip() for x in r.stdout.strip().split(","))
+                self.samples.append((time.time(), int(clock), float(power), *reasons))
             except ValueError:
                 pass
             time.sleep(self._period)
 
+    def window(self, start: float, end: float) -> list[tuple]:
+        return [s for s in self.samples if start <= s[0] <= end]
+
     def median_clock(self, start: float, end: float) -> float | None:
-        clocks = [c for (t, c, _) in self.samples if start <= t <= end]
+        clocks = [s[1] for s in self.window(start, end)]
         return statistics.median(clocks) if clocks else None
 
 

@@ -16,9 +16,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -26,34 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "session14"))
-from _probe import grid_inputs, sdpa  # noqa: E402
-
-FIELDS = "clocks.sm,power.draw,clocks_event_reasons.active,temperature.gpu"
+from _probe import ClockSampler, grid_inputs, sdpa  # noqa: E402
 
 
-class Sampler:
-    """nvidia-smi's SM clock (MHz), board power (W) and clock-event reasons (hex) every ~50 ms."""
-
-    def __init__(self) -> None:
-        self.samples: list[tuple[float, float, float, str]] = []
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        query = ["nvidia-smi", f"--query-gpu={FIELDS}", "--format=csv,noheader,nounits"]
-        while True:
-            r = subprocess.run(query, capture_output=True, text=True)
-            try:
-                clock, power, reasons, _ = (x.strip() for x in r.stdout.strip().split(","))
-                self.samples.append((time.time(), float(clock), float(power), reasons))
-            except ValueError:
-                pass
-            time.sleep(0.05)
-
-    def window(self, start: float, end: float) -> list[tuple[float, float, float, str]]:
-        return [s for s in self.samples if start <= s[0] <= end]
-
-
-def run(fn, seconds: float, sampler: Sampler) -> dict:
+def run(fn, seconds: float, sampler: ClockSampler) -> dict:
     fn()
     torch.cuda.synchronize()
     t0 = time.time()
@@ -99,7 +73,7 @@ def main() -> int:
     from longflash_cuda import _torch
     from torch.nn.attention import SDPBackend
 
-    sampler = Sampler()
+    sampler = ClockSampler(period_s=0.05, reasons=True)
     time.sleep(0.5)
     rows = []
     shapes = [
