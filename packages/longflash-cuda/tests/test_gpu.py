@@ -422,21 +422,25 @@ def _lazy_events(s_log2, block, headroom=8.0):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_lazy_rescale_follows_a_growing_maximum(dtype, causal):
-    """The hd256 forward keeps each row's reference maximum until a score exceeds it by 2^8
-    (fwd.cuh kLazy). Random scores almost never move it after the first key block, so here they
-    grow toward the first keys, which the kernel visits last, by ~5 (log2 units) a 64-key block:
-    some blocks keep the reference with P up to 2^8, others move it and must rescale O."""
+@pytest.mark.parametrize("d, block", [(256, 64), (192, 96)])
+def test_lazy_rescale_follows_a_growing_maximum(dtype, causal, d, block):
+    """The hd192 and hd256 forwards keep each row's reference maximum until a score exceeds it by
+    2^8 (fwd.cuh kLazy). Random scores almost never move it after the first key block, so here
+    they grow toward the first keys, which the kernel visits last, by ~5 (log2 units) a key block
+    (64 keys at hd256, 96 at hd192): some blocks keep the reference with P up to 2^8, others move
+    it and must rescale O."""
     from longflash_cuda import _lib, _torch
 
     dt = torch.bfloat16 if dtype == "bf16" else torch.float16
     key = "bfloat16" if dtype == "bf16" else "float16"
-    if (256, 256) not in _lib.compiled_head_dims(_lib.load()[0])[key]:
-        pytest.skip(f"hd256 {key} is not in this build")
+    if (d, d) not in _lib.compiled_head_dims(_lib.load()[0])[key]:
+        pytest.skip(f"hd{d} {key} is not in this build")
     torch.manual_seed(0)
-    nq, nk, h, d = 300, 1000, 2, 256
+    nq, nk, h = 300, 1000, 2
     u = torch.nn.functional.normalize(torch.randn(d, device="cuda"), dim=0)
-    ramp = 29.6 * (1 - torch.arange(nk, device="cuda") / nk)  # 80 log2 units over the keys
+    # q·k = 30·ramp along u, times the scale 1/sqrt(d), in log2 units: 5 per key block
+    span = 5 * nk / block * math.log(2) * math.sqrt(d) / 30
+    ramp = span * (1 - torch.arange(nk, device="cuda") / nk)
     q = (0.3 * torch.randn(1, nq, h, d, device="cuda") + 30 * u).to(dt)
     k = (0.3 * torch.randn(1, nk, h, d, device="cuda") + ramp[None, :, None, None] * u).to(dt)
     v = torch.randn(1, nk, h, d, device="cuda", dtype=dt)
@@ -451,7 +455,7 @@ def test_lazy_rescale_follows_a_growing_maximum(dtype, causal):
         i = torch.arange(nq, device="cuda")[:, None]
         j = torch.arange(nk, device="cuda")[None, :]
         s = s.masked_fill(j > i + nk - nq, -math.inf)
-    keeps_above, moves_late = _lazy_events(s, 64)
+    keeps_above, moves_late = _lazy_events(s, block)
     assert keeps_above > 1000 and moves_late > 1000  # the data does what the test is about
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert _rel(out, ref) < (2e-2 if dtype == "bf16" else 5e-3)
