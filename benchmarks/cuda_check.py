@@ -33,6 +33,7 @@ FWD_VARIANT_DIMS = {
     "v3": (64,),
     "v3-no-pingpong": (64,),
     "v3-emu": (64,),
+    "v3-ownkeys": (64,),
     # the 128-query CTA, which the hd64 default replaces from 4K queries (api.cpp fwd_kernel)
     "v2": (64,),
 }

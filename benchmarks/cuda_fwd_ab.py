@@ -6,7 +6,8 @@ The variant is read by the library on every call, so one process times them all 
 inputs. `default` is what the library picks by shape (api.cpp fwd_kernel); `v2` forces the
 128-query CTA with two consumer warpgroups, `v3-no-pingpong` the 192-query CTA with three (the
 hd64 default from 4K queries), `v3` the same with ping-pong GEMM issue, `v3-emu` v3 with 3/16 of
-the exponentials on the FMA pipe. The v3 kernels exist at hd64 only; at other head dims the
+the exponentials on the FMA pipe, `v3-ownkeys` v3-no-pingpong with each warpgroup skipping the
+key blocks above its own rows. The v3 kernels exist at hd64 only; at other head dims the
 library runs v2 for them, so their rows there measure nothing but run-to-run noise (a check
 that hd128 is unaffected). A `+grid` / `+persistent` / `+dynamic` suffix forces the grid too,
 and `+g<n>` the dynamic schedule's longest-first group of n heads (`+dynamic+g1`: head-major).

@@ -336,7 +336,7 @@ int bwd_head_group(AttnShape const& s) {
 
 // Forward kernel from LONGFLASH_CUDA_FWD = <kernel>[+<grid>]: <kernel> is "v2" (128-query CTAs,
 // two consumer warpgroups), "v3-no-pingpong" (hd64: 192-query CTAs, three consumer warpgroups),
-// or, for A/B timing, "v3" / "v3-emu"; unset, "default" or unknown: kFwdAuto, which fwd_kernel
+// or, for A/B timing, "v3" / "v3-emu" / "v3-ownkeys"; unset, "default" or unknown: kFwdAuto, which fwd_kernel
 // resolves by shape. The v3 kernels exist at hd64 only; other head dims run v2 whatever this says.
 // The "+<grid>" suffix is fwd_grid's. Read on every call like LONGFLASH_CUDA_BWD.
 int fwd_version() {
@@ -347,6 +347,7 @@ int fwd_version() {
   if (v == "v3" || v == "3") return kFwdV3;
   if (v == "v3-no-pingpong") return kFwdV3NoPingPong;
   if (v == "v3-emu") return kFwdV3ExpEmu;
+  if (v == "v3-ownkeys") return kFwdV3OwnKeys;
   return kFwdAuto;
 }
 
@@ -425,7 +426,8 @@ int fwd_max_ctas() {
 // Consumer warpgroups of the forward kernel a call runs (the stream-K workspace is per warpgroup).
 int fwd_consumer_wgs(AttnShape const& s) {
   int const v = fwd_kernel(s, fwd_version());
-  return v == kFwdV3 || v == kFwdV3NoPingPong || v == kFwdV3ExpEmu ? 3 : 2;
+  return v == kFwdV3 || v == kFwdV3NoPingPong || v == kFwdV3ExpEmu || v == kFwdV3OwnKeys ? 3
+                                                                                         : 2;
 }
 
 // Multiprocessors of the current device; an upper bound where it cannot be asked (a workspace
@@ -547,11 +549,12 @@ const char* lf_forward_plan(const lf_attention_params* params) {
     case kFwdV3: plan = "v3"; break;
     case kFwdV3NoPingPong: plan = "v3-no-pingpong"; break;
     case kFwdV3ExpEmu: plan = "v3-emu"; break;
+    case kFwdV3OwnKeys: plan = "v3-ownkeys"; break;
     default: plan = "v2"; break;
   }
   switch (fwd_grid(s)) {
     case kFwdGridStatic: plan += "+persistent"; break;
-    // v3 and v3-emu have no dynamic schedule and walk the static one instead
+    // v3, v3-emu and v3-ownkeys have no dynamic schedule and walk the static one instead
     case kFwdGridDynamic:
       if (kernel == kFwdV2 || kernel == kFwdV3NoPingPong) {
         plan += "+dynamic+g" + std::to_string(fwd_tile_group(s));

@@ -70,6 +70,9 @@ constexpr int kFwdV2 = 2;
 constexpr int kFwdV3 = 3;
 constexpr int kFwdV3NoPingPong = -3;
 constexpr int kFwdV3ExpEmu = 4;
+// LONGFLASH_CUDA_FWD=v3-ownkeys (A/B, hd64): v3-no-pingpong with each consumer warpgroup
+// skipping the key blocks above its own rows (fwd.cuh kOwnKeys); static or per-tile grid.
+constexpr int kFwdV3OwnKeys = 5;
 // The forward's grid when LONGFLASH_CUDA_FWD names none: persistent (one CTA per SM, static
 // schedule) for calls whose tiles all cost the same and for causal calls of at most 32 query
 // blocks per sequence (api.cpp fwd_grid), else one CTA per tile.

@@ -104,7 +104,8 @@ struct FwdTiles {
 // calls whose tiles all cost the same (no band, not varlen: api.cpp fwd_grid).
 template <typename Element_, int kDqk_, int kDv_, int kConsumerWGs_ = 2, int kStages_ = 2,
           bool kPingPong_ = false, bool kExpEmu_ = false, bool kDynamic_ = false,
-          bool kStreamK_ = false, bool kLazy_ = (kDv_ >= 192)>
+          bool kStreamK_ = false, bool kLazy_ = (kDv_ >= 192),
+          bool kOwnKeys_ = false>
 struct FwdKernelBase {
   using Element = Element_;
   static constexpr int kDqk = kDqk_;
@@ -132,6 +133,17 @@ struct FwdKernelBase {
   static constexpr bool kLazy = kLazy_;
   static constexpr float kHeadroom = 8.f;
   static_assert(!(kLazy && kExpEmu), "exp2_fma takes x <= 0 only");
+  // kOwnKeys_ (A/B, LONGFLASH_CUDA_FWD=v3-ownkeys): each consumer warpgroup computes only up to
+  // the last key block its own 64 rows see and passes the tile's blocks above it through the
+  // ring untouched (ConsumerState::pass). In the 192-query CTA, on the causal diagonal, a tile's
+  // first key block is masked whole for one or two of its three warpgroups; at 4K queries that
+  // is 1.5 warpgroup-blocks of every tile's ~51 (2.9% of the call's tensor-core and softmax
+  // work). A first form, with the warpgroup index as a per-thread value, made the ring state
+  // per-thread too: the v3 consumer, at its 128-register cap, spilled and ran 0.95-0.98x
+  // (session 16, NOTES-cuda.md). Not with kPingPong, whose turn-taking needs every warpgroup
+  // to issue the same number of GEMM batches.
+  static constexpr bool kOwnKeys = kOwnKeys_;
+  static_assert(!(kOwnKeys && kPingPong), "ping-pong turns need equal GEMM counts");
   static_assert(!(kDynamic && kStreamK), "stream-K shares the static schedule's tail");
   // Named barriers 8 + w: consumer warpgroup w's threads around a stream-K partial.
   static constexpr int kStreamKBar = 8;
@@ -407,6 +419,20 @@ struct FwdKernelBase {
   struct ConsumerState {
     RingState<kStages> st_k, st_v;
     uint32_t q_phase = 0;
+    // Releases `blocks` key blocks this warpgroup does not compute: waits for each K and V stage
+    // to be filled (so that the arrival counts towards that fill, not the previous one) and
+    // frees it at once.
+    __device__ __forceinline__ void pass(SharedStorage& ss, int blocks) {
+#pragma unroll 1
+      for (int i = 0; i < blocks; ++i) {
+        Barrier::wait(&ss.k_full[st_k.index], st_k.phase);
+        Barrier::arrive(&ss.k_empty[st_k.index]);
+        st_k.advance();
+        Barrier::wait(&ss.v_full[st_v.index], st_v.phase);
+        Barrier::arrive(&ss.v_empty[st_v.index]);
+        st_v.advance();
+      }
+    }
   };
 
   // The consumer main loop. K and V walk the same ring; V lags K by one block, since P·V of block
@@ -609,8 +635,33 @@ struct FwdKernelBase {
       };
 
       if (n_lo <= n_hi) {
-        mainloop(ss, cs, n_lo, n_hi, tid / 128, mma_qk, mma_pv, tSrQ, tSrK, tOrV, tSrS, tOrO,
-                 O_rc, softmax_step);
+        // The last key block this warpgroup's own rows see (kOwnKeys); below n_lo when they see
+        // none in this tile, or all lie outside the sequence (the end-aligned first tile's
+        // padding). Only the leading blocks are skipped: the blocks a left window hides at the
+        // bottom stay masked, which keeps no extra value live through the main loop (the
+        // 128-register v3 consumer spilled in the loop with both ends skipped).
+        int w_hi = n_hi;
+        if constexpr (kOwnKeys) {
+          // the warpgroup's index as a warp-uniform value, so that the ring's index and phase
+          // stay in uniform registers
+          int const wgu = __shfl_sync(0xffffffff, tid / 128, 0);
+          int const r0 = max(i0 + 64 * wgu, 0);
+          int const r1 = min(i0 + 64 * wgu + 63, seq.len_q - 1);
+          int lo = 0, hi = -1;
+          if (r0 <= r1) band.key_blocks(r0, r1, kBlockN, lo, hi);
+          w_hi = lo <= hi ? min(n_hi, hi) : n_lo - 1;
+        }
+        if (n_lo <= w_hi) {
+          cs.pass(ss, n_hi - w_hi);
+          mainloop(ss, cs, n_lo, w_hi, tid / 128, mma_qk, mma_pv, tSrQ, tSrK, tOrV, tSrS, tOrO,
+                   O_rc, softmax_step);
+        } else {
+          // Done with Q once it has arrived (an earlier arrival would count towards the
+          // previous tile's Q); its rows keep max -inf and sum 0, so out 0 and lse -inf.
+          TxBarrier::wait(&ss.bar_q, cs.q_phase);
+          Barrier::arrive(&ss.q_empty);
+          cs.pass(ss, n_hi - n_lo + 1);
+        }
         cs.q_phase ^= 1;
       }
       if constexpr (kStreamK) {
@@ -763,6 +814,10 @@ template <typename Element, int kDqk, int kDv>
 struct FwdKernelStreamK : FwdKernelBase<Element, kDqk, kDv, 2, 2, false, false, false, true> {};
 template <typename Element, int kDqk, int kDv>
 struct FwdKernelV3StreamK : FwdKernelBase<Element, kDqk, kDv, 3, 4, false, false, false, true> {};
+// v3-no-pingpong with per-warpgroup key ranges (LONGFLASH_CUDA_FWD=v3-ownkeys; kOwnKeys above).
+template <typename Element, int kDqk, int kDv>
+struct FwdKernelV3OwnKeys
+    : FwdKernelBase<Element, kDqk, kDv, 3, 4, false, false, false, false, false, true> {};
 
 template <class Kernel>
 __global__ void __launch_bounds__(Kernel::kThreads, 1)

@@ -81,6 +81,9 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
     if (a.fwd_version == kFwdV3ExpEmu) {
       return launch_fwd_kernel<FwdKernelV3<Element, kDqk, kDv, true, true>>(a, stream);
     }
+    if (a.fwd_version == kFwdV3OwnKeys) {
+      return launch_fwd_kernel<FwdKernelV3OwnKeys<Element, kDqk, kDv>>(a, stream);
+    }
     if (a.fwd_version == kFwdV3NoPingPong) {
       if (a.fwd_grid == kFwdGridDynamic) {
         return launch_fwd_kernel<FwdKernelV3Dynamic<Element, kDqk, kDv>>(a, stream);

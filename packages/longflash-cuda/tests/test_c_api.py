@@ -477,6 +477,8 @@ def test_forward_plan_by_shape(monkeypatch, d, n, window, varlen, want):
         ("+dynamic+g1", 128, "v2+dynamic+g1"),  # the head-major order
         ("v3+dynamic", 64, "v3+persistent"),  # ping-pong v3 has no dynamic schedule
         ("v3-emu", 128, "v2+persistent"),  # the v3 kernels exist at hd64 only
+        ("v3-ownkeys+dynamic", 64, "v3-ownkeys+persistent"),  # no dynamic form either
+        ("v3-ownkeys", 128, "v2+persistent"),
         ("default", 64, "v3-no-pingpong+persistent"),
         # the static schedule with its last tiles shared by key blocks
         ("+streamk", 128, "v2+streamk"),

@@ -340,7 +340,7 @@ def _fwd_ref64(q, k, v, scale, window, softcap):
     return torch.einsum("bhqk,bkhd->bqhd", p, vd.repeat_interleave(g, 2)), lse
 
 
-@pytest.mark.parametrize("variant", ["v3", "v3-no-pingpong", "v3-emu", "v2"])
+@pytest.mark.parametrize("variant", ["v3", "v3-no-pingpong", "v3-emu", "v3-ownkeys", "v2"])
 @pytest.mark.parametrize(
     "dtype,b,nq,nk,hq,hk,causal,window,softcap,varlen",
     [
@@ -462,7 +462,43 @@ def test_lazy_rescale_follows_a_growing_maximum(dtype, causal, d, block):
     assert (lse.double() - ref_lse).abs().max().item() < 1e-2
 
 
-_HD64_FWD_VARIANTS = ["default", "v3-no-pingpong", "v3", "v2"]
+@pytest.mark.parametrize(
+    "b,nq,nk,hq,hk,causal,window,varlen",
+    [
+        (4, 4096, 4096, 4, 4, True, None, None),  # the bench's shape: 1.5 skipped blocks a tile
+        (1, 1000, 3000, 4, 2, True, None, None),  # causal Nq < Nk
+        (1, 3000, 1000, 4, 1, True, None, None),  # Nq > Nk: warpgroups with no key at all
+        (1, 2000, 2000, 2, 2, False, (5, 60), None),  # a band: both ends masked per warpgroup
+        (1, 0, 0, 4, 2, True, None, ([192, 0, 193, 1, 4000], [192, 50, 1, 1, 4100])),
+    ],
+)
+def test_own_key_ranges_change_no_bit(monkeypatch, b, nq, nk, hq, hk, causal, window, varlen):
+    """v3-ownkeys (fwd.cuh kOwnKeys) skips, per consumer warpgroup, the key blocks above its own
+    rows, which the plain 192-query kernel computes masked to -inf. A row's state after such a
+    block is its initial one (max -inf, sum 0, O 0), so out and lse must be bitwise those of
+    v3-no-pingpong; a block skipped that a row needs changes them."""
+    from longflash_cuda import _lib, _torch
+
+    if (64, 64) not in _lib.compiled_head_dims(_lib.load()[0])["bfloat16"]:
+        pytest.skip("hd64 bf16 is not in this build")
+    torch.manual_seed(0)
+    q, k, v, call, _ = _forward_inputs(
+        64, b, nq, nk, hq, hk, torch.bfloat16, varlen, causal=causal, window=window
+    )
+    results = []
+    for variant in ("v3-no-pingpong", "v3-ownkeys"):
+        monkeypatch.setenv("LONGFLASH_CUDA_FWD", variant)
+        poison = torch.full((1 << 26,), float("nan"), device="cuda")
+        del poison
+        results.append(_torch.forward(call, q, k, v))
+        torch.cuda.synchronize()
+    (out_a, lse_a), (out_b, lse_b) = results
+    assert not torch.isnan(out_a).any()
+    assert torch.equal(out_a, out_b)
+    assert torch.equal(lse_a, lse_b)
+
+
+_HD64_FWD_VARIANTS = ["default", "v3-no-pingpong", "v3", "v3-ownkeys", "v2"]
 _PERSISTENT_CASES = [
     # d, b, nq, nk, hq, hk, causal, window, varlen
     # several rounds of the persistent grid (132 CTAs on an H200): 2 x 16 x 8 = 256 tiles
@@ -553,7 +589,7 @@ def test_persistent_forward_equals_one_cta_per_tile(
     be bitwise equal, also with the grid capped at 5 CTAs (LONGFLASH_CUDA_FWD_CTAS); NaN-poisoned
     memory under the outputs catches a tile that no CTA takes. "dynamic+g3" walks the dynamic
     schedule's longest-first order in groups of 3 (head, sequence) pairs, the last group short.
-    (v3 and v3-emu have no dynamic schedule and run the static one for it.)"""
+    (v3, v3-emu and v3-ownkeys have no dynamic schedule and run the static one for it.)"""
     from longflash_cuda import _lib, _torch
 
     if (d, d) not in _lib.compiled_head_dims(_lib.load()[0])["bfloat16"]:
