@@ -336,9 +336,10 @@ int bwd_head_group(AttnShape const& s) {
 
 // Forward kernel from LONGFLASH_CUDA_FWD = <kernel>[+<grid>]: <kernel> is "v2" (128-query CTAs,
 // two consumer warpgroups), "v3-no-pingpong" (hd64: 192-query CTAs, three consumer warpgroups),
-// or, for A/B timing, "v3" / "v3-emu" / "v3-ownkeys"; unset, "default" or unknown: kFwdAuto, which fwd_kernel
-// resolves by shape. The v3 kernels exist at hd64 only; other head dims run v2 whatever this says.
-// The "+<grid>" suffix is fwd_grid's. Read on every call like LONGFLASH_CUDA_BWD.
+// or, for A/B timing, "v3" / "v3-emu" / "v3-ownkeys"; unset, "default" or unknown: kFwdAuto,
+// which fwd_kernel resolves by shape. The v3 kernels exist at hd64 only; other head dims run v2
+// whatever this says. The "+<grid>" suffix is fwd_grid's. Read on every call like
+// LONGFLASH_CUDA_BWD.
 int fwd_version() {
   char const* e = std::getenv("LONGFLASH_CUDA_FWD");
   if (e == nullptr || *e == '\0') return kFwdAuto;
@@ -426,8 +427,9 @@ int fwd_max_ctas() {
 // Consumer warpgroups of the forward kernel a call runs (the stream-K workspace is per warpgroup).
 int fwd_consumer_wgs(AttnShape const& s) {
   int const v = fwd_kernel(s, fwd_version());
-  return v == kFwdV3 || v == kFwdV3NoPingPong || v == kFwdV3ExpEmu || v == kFwdV3OwnKeys ? 3
-                                                                                         : 2;
+  bool const three =
+      v == kFwdV3 || v == kFwdV3NoPingPong || v == kFwdV3ExpEmu || v == kFwdV3OwnKeys;
+  return three ? 3 : 2;
 }
 
 // Multiprocessors of the current device; an upper bound where it cannot be asked (a workspace
