@@ -127,9 +127,9 @@ struct FwdKernelBase {
   // scores of ~5 softmax instructions each: about 80% of the softmax's count at hd256, 40% at
   // hd192, 20% at hd128) and its wait for P·V. P then lies in [0, 2^kHeadroom], well inside fp16
   // and bf16; O, the sum and lse all refer to the same reference, so the result is the same
-  // softmax. On the H200 (NOTES-cuda.md,
-  // "Lazy rescaling" in sessions 15 and 16) it ran 1.025-1.035x at hd256, 1.04-1.055x at hd192,
-  // 0.99-1.02x at hd128 and 0.97-0.98x at hd64. Dqk 192 with Dv 128 stays eager (not measured).
+  // softmax. On the H200 (NOTES-cuda.md, "Lazy rescaling" in sessions 15 and 16) it ran
+  // 1.025-1.035x at hd256, 1.044-1.055x at hd192, 0.99-1.02x at hd128 and 0.97-0.98x at hd64.
+  // Dqk 192 with Dv 128 stays eager (not measured).
   static constexpr bool kLazy = kLazy_;
   static constexpr float kHeadroom = 8.f;
   static_assert(!(kLazy && kExpEmu), "exp2_fma takes x <= 0 only");
