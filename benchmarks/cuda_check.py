@@ -409,27 +409,13 @@ def cases(quick: bool, compiled):
                 if not quick and d == dv == 192:
                     # hd192's lazy rescaling (fwd.cuh kLazy) over many 96-key blocks: a dense
                     # call (stream-K's shape) and a long causal one with Nq < Nk
-                    out.append(
-                        dict(
-                            name=f"hd192 {key} dense 2000",
-                            Nq=2000,
-                            Nk=2000,
-                            D=192,
-                            Dv=192,
-                            dtype=dt,
+                    for name, shape in (
+                        ("dense 2000", dict(Nq=2000, Nk=2000)),
+                        ("causal Nq=1000 Nk=3000", dict(Nq=1000, Nk=3000, causal=True)),
+                    ):
+                        out.append(
+                            dict(name=f"hd192 {key} {name}", D=192, Dv=192, dtype=dt, **shape)
                         )
-                    )
-                    out.append(
-                        dict(
-                            name=f"hd192 {key} causal Nq=1000 Nk=3000",
-                            Nq=1000,
-                            Nk=3000,
-                            D=192,
-                            Dv=192,
-                            causal=True,
-                            dtype=dt,
-                        )
-                    )
     return out
 
 

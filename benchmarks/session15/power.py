@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -24,7 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "session14"))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 from _probe import ClockSampler, grid_inputs, sdpa  # noqa: E402
+from cuda_check import env_setter  # noqa: E402
 
 
 def run(fn, seconds: float, sampler: ClockSampler) -> dict:
@@ -91,10 +92,7 @@ def main() -> int:
         cases["flash"] = ("default", sdpa(SDPBackend.FLASH_ATTENTION, qt, kt, vt, causal))
         cases["cudnn"] = ("default", sdpa(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, causal))
         for name, (var, fn) in cases.items():
-            if var == "default":
-                os.environ.pop("LONGFLASH_CUDA_FWD", None)
-            else:
-                os.environ["LONGFLASH_CUDA_FWD"] = var
+            env_setter("LONGFLASH_CUDA_FWD", var)()
             time.sleep(1.0)  # idle between contenders: each starts from the same clock
             r = run(fn, args.seconds, sampler)
             r.update(name=name, D=d, N=n, causal=causal, tflops=flops / r["ms"] / 1e9)
@@ -105,7 +103,7 @@ def main() -> int:
                 f"{r['power_w']:.0f} W {r['joules_per_call'] * 1e3:.1f} mJ/call {r['reasons']}",
                 flush=True,
             )
-        os.environ.pop("LONGFLASH_CUDA_FWD", None)
+        env_setter("LONGFLASH_CUDA_FWD", "default")()
     Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
 
