@@ -334,12 +334,12 @@ int bwd_head_group(AttnShape const& s) {
   return g > 0 && (pairs + g - 1) / g <= kMaxGridYZ ? g : 0;
 }
 
-// Forward kernel from LONGFLASH_CUDA_FWD = <kernel>[+<grid>]: <kernel> is "v2" (128-query CTAs,
-// two consumer warpgroups), "v3-no-pingpong" (hd64: 192-query CTAs, three consumer warpgroups),
-// or, for A/B timing, "v3" / "v3-emu" / "v3-ownkeys"; unset, "default" or unknown: kFwdAuto,
-// which fwd_kernel resolves by shape. The v3 kernels exist at hd64 only; other head dims run v2
-// whatever this says. The "+<grid>" suffix is fwd_grid's. Read on every call like
-// LONGFLASH_CUDA_BWD.
+// Forward kernel from LONGFLASH_CUDA_FWD = <kernel>[+<grid>]: <kernel> is "v2" (128-query CTAs, two
+// consumer warpgroups), "v3-no-pingpong" (hd64: 192-query CTAs, three consumer warpgroups),
+// "v3-ownkeys" (the same, each warpgroup skipping the key blocks above its own rows), or, for A/B
+// timing, "v3" / "v3-emu"; unset, "default" or unknown: kFwdAuto, which fwd_kernel resolves by
+// shape. The v3 kernels exist at hd64 only; other head dims run v2 whatever this says. The
+// "+<grid>" suffix is fwd_grid's. Read on every call like LONGFLASH_CUDA_BWD.
 int fwd_version() {
   char const* e = std::getenv("LONGFLASH_CUDA_FWD");
   if (e == nullptr || *e == '\0') return kFwdAuto;
@@ -350,20 +350,6 @@ int fwd_version() {
   if (v == "v3-emu") return kFwdV3ExpEmu;
   if (v == "v3-ownkeys") return kFwdV3OwnKeys;
   return kFwdAuto;
-}
-
-// The hd64 forward from this many queries per sequence (dense or causal; no window, not varlen)
-// runs 192-query CTAs with three consumer warpgroups. In session 10's rotating A/B on the H200
-// (benchmarks/NOTES-cuda.md) they ran 1.06x (4K) and 1.11x (16K) the 128-query CTA non-causal,
-// 1.07x at 16K causal and 0.99x at 4K causal, but 0.98x at 1K and 0.82x at 1K causal: a short
-// sequence leaves too few CTAs of 192 queries to fill the GPU.
-constexpr int kFwdWideMinSeqlen = 4096;
-int fwd_kernel(AttnShape const& s, int version) {
-  if (s.dqk != 64 || s.dv != 64) return kFwdV2;
-  if (version != kFwdAuto) return version;
-  bool const band = s.window_left >= 0 || s.window_right > 0;
-  bool const wide = !s.varlen() && !band && s.seqlen_q >= kFwdWideMinSeqlen;
-  return wide ? kFwdV3NoPingPong : kFwdV2;
 }
 
 // The forward's grid (params.h kFwdGrid*). The persistent grid's static schedule (fwd.cuh
@@ -398,6 +384,26 @@ int fwd_grid(AttnShape const& s) {
   bool const causal = s.window_right == 0;
   bool const short_seqs = (s.seqlen_q + 127) / 128 <= kFwdStaticCausalMaxBlocks;
   return causal && short_seqs ? kFwdGridStatic : kFwdGridPerTile;
+}
+
+// The hd64 forward from this many queries per sequence (dense or causal; no window, not varlen)
+// runs 192-query CTAs with three consumer warpgroups. In session 10's rotating A/B on the H200
+// (benchmarks/NOTES-cuda.md) they ran 1.06x (4K) and 1.11x (16K) the 128-query CTA non-causal,
+// 1.07x at 16K causal and 0.99x at 4K causal, but 0.98x at 1K and 0.82x at 1K causal: a short
+// sequence leaves too few CTAs of 192 queries to fill the GPU.
+constexpr int kFwdWideMinSeqlen = 4096;
+int fwd_kernel(AttnShape const& s, int version) {
+  if (s.dqk != 64 || s.dv != 64) return kFwdV2;
+  if (version != kFwdAuto) return version;
+  bool const band = s.window_left >= 0 || s.window_right > 0;
+  bool const wide = !s.varlen() && !band && s.seqlen_q >= kFwdWideMinSeqlen;
+  if (!wide) return kFwdV2;
+  // Causal: each of the three warpgroups also skips the key blocks above its own 64 rows
+  // (v3-ownkeys), 2.9% of the work at 4K. Session 17's A/B under the bench's timer on the H200:
+  // 1.031x (4K), 1.020x (8K), 1.008x (16K). It has no dynamic schedule, so "+dynamic" keeps
+  // the plain kernel. Dense calls have no such blocks.
+  bool const causal = s.window_right == 0;
+  return causal && fwd_grid(s) != kFwdGridDynamic ? kFwdV3OwnKeys : kFwdV3NoPingPong;
 }
 
 // The dynamic schedule's longest-first groups (fwd.cuh FwdTiles::group): as many consecutive

@@ -38,11 +38,12 @@ struct FwdArgs {
   AttnShape s;
   TensorRef q, k, v, o;
   float* lse;  // may be nullptr
-  // The kernel, as chosen by api.cpp fwd_kernel (never kFwdAuto here). kFwdV2: 128-query CTAs,
-  // two consumer warpgroups (every head dim). hd64 only (other head dims run kFwdV2):
-  // kFwdV3NoPingPong: 192-query CTAs, three consumer warpgroups (the hd64 default at N >= 4K);
-  // kFwdV3: the same with ping-pong GEMM issue; kFwdV3ExpEmu: v3 with 3/16 of the softmax
-  // exponentials on the FMA pipe (both for A/B timing).
+  // The kernel, as chosen by api.cpp fwd_kernel (never kFwdAuto here). kFwdV2: 128-query CTAs, two
+  // consumer warpgroups (every head dim). hd64 only (other head dims run kFwdV2): kFwdV3NoPingPong:
+  // 192-query CTAs, three consumer warpgroups (the hd64 default at N >= 4K, dense); kFwdV3OwnKeys:
+  // the same with per-warpgroup key ranges (causal); kFwdV3: v3-no-pingpong with ping-pong GEMM
+  // issue; kFwdV3ExpEmu: v3 with 3/16 of the softmax exponentials on the FMA pipe (both for A/B
+  // timing).
   int fwd_version;
   // kFwdGridPerTile: one CTA per tile. kFwdGridStatic: one CTA per SM walking the tiles in a
   // static order (fwd.cuh FwdTiles). kFwdGridDynamic: the same CTAs claiming tiles from
@@ -70,8 +71,9 @@ constexpr int kFwdV2 = 2;
 constexpr int kFwdV3 = 3;
 constexpr int kFwdV3NoPingPong = -3;
 constexpr int kFwdV3ExpEmu = 4;
-// LONGFLASH_CUDA_FWD=v3-ownkeys (A/B, hd64): v3-no-pingpong with each consumer warpgroup
-// skipping the key blocks above its own rows (fwd.cuh kOwnKeys); static or per-tile grid.
+// LONGFLASH_CUDA_FWD=v3-ownkeys (hd64; the default for causal calls of the 192-query CTA):
+// v3-no-pingpong with each consumer warpgroup skipping the key blocks above its own rows
+// (fwd.cuh kOwnKeys); static or per-tile grid.
 constexpr int kFwdV3OwnKeys = 5;
 // The forward's grid when LONGFLASH_CUDA_FWD names none: persistent (one CTA per SM, static
 // schedule) for calls whose tiles all cost the same and for causal calls of at most 32 query

@@ -133,15 +133,16 @@ struct FwdKernelBase {
   static constexpr bool kLazy = kLazy_;
   static constexpr float kHeadroom = 8.f;
   static_assert(!(kLazy && kExpEmu), "exp2_fma takes x <= 0 only");
-  // kOwnKeys_ (A/B, LONGFLASH_CUDA_FWD=v3-ownkeys): each consumer warpgroup computes only up to
-  // the last key block its own 64 rows see and passes the tile's blocks above it through the
-  // ring untouched (ConsumerState::pass). In the 192-query CTA, on the causal diagonal, a tile's
-  // first key block is masked whole for one or two of its three warpgroups; at 4K queries that
-  // is 1.5 warpgroup-blocks of every tile's ~51 (2.9% of the call's tensor-core and softmax
-  // work). A first form, with the warpgroup index as a per-thread value, made the ring state
-  // per-thread too: the v3 consumer, at its 128-register cap, spilled and ran 0.95-0.98x
-  // (session 16, NOTES-cuda.md). Not with kPingPong, whose turn-taking needs every warpgroup
-  // to issue the same number of GEMM batches.
+  // kOwnKeys_ (LONGFLASH_CUDA_FWD=v3-ownkeys, the hd64 causal default): each consumer warpgroup
+  // computes only up to the last key block its own 64 rows see and passes the tile's blocks above
+  // it through the ring untouched (ConsumerState::pass). In the 192-query CTA, on the causal
+  // diagonal, a tile's first key block is masked whole for one or two of its three warpgroups; at
+  // 4K queries that is 1.5 warpgroup-blocks of every tile's ~51 (2.9% of the call's tensor-core and
+  // softmax work). A first form, with the warpgroup index as a per-thread value, made the ring
+  // state per-thread too: the v3 consumer, at its 128-register cap, spilled and ran 0.95-0.98x
+  // (session 16, NOTES-cuda.md); with it warp-uniform it ran 1.031x (4K causal), 1.020x (8K) and
+  // 1.008x (16K) the plain kernel in session 17. Not with kPingPong, whose turn-taking needs every
+  // warpgroup to issue the same number of GEMM batches.
   static constexpr bool kOwnKeys = kOwnKeys_;
   static_assert(!(kOwnKeys && kPingPong), "ping-pong turns need equal GEMM counts");
   static_assert(!(kDynamic && kStreamK), "stream-K shares the static schedule's tail");
@@ -814,7 +815,8 @@ template <typename Element, int kDqk, int kDv>
 struct FwdKernelStreamK : FwdKernelBase<Element, kDqk, kDv, 2, 2, false, false, false, true> {};
 template <typename Element, int kDqk, int kDv>
 struct FwdKernelV3StreamK : FwdKernelBase<Element, kDqk, kDv, 3, 4, false, false, false, true> {};
-// v3-no-pingpong with per-warpgroup key ranges (LONGFLASH_CUDA_FWD=v3-ownkeys; kOwnKeys above).
+// v3-no-pingpong with per-warpgroup key ranges (LONGFLASH_CUDA_FWD=v3-ownkeys; kOwnKeys above):
+// the hd64 causal default from 4K queries (api.cpp fwd_kernel).
 template <typename Element, int kDqk, int kDv>
 struct FwdKernelV3OwnKeys
     : FwdKernelBase<Element, kDqk, kDv, 3, 4, false, false, false, false, false, true> {};

@@ -438,8 +438,9 @@ def plan(p: _lib.Params) -> str | None:
         # hd64 from 4K queries: 192-query CTAs with three consumer warpgroups
         (64, 4096, (-1, -1), False, "v3-no-pingpong+persistent"),
         (64, 16384, (-1, -1), False, "v3-no-pingpong+persistent"),
-        (64, 4096, (-1, 0), False, "v3-no-pingpong+persistent"),  # causal, 32 blocks: static
-        (64, 16384, (-1, 0), False, "v3-no-pingpong+grid"),  # causal, 128 blocks: per tile
+        # causal: each warpgroup also skips the key blocks above its own rows
+        (64, 4096, (-1, 0), False, "v3-ownkeys+persistent"),  # 32 blocks: static
+        (64, 16384, (-1, 0), False, "v3-ownkeys+grid"),  # 128 blocks: per tile
         # below 4K, with a band or varlen: the 128-query CTA
         (64, 4095, (-1, -1), False, "v2+persistent"),
         (64, 1024, (-1, 0), False, "v2+persistent"),
@@ -503,6 +504,15 @@ def test_dynamic_schedule_groups_heads_whose_kv_fits_8mib(monkeypatch, d, n, hq,
     monkeypatch.setenv("LONGFLASH_CUDA_FWD", "+dynamic")
     p = params(head_dim_qk=d, head_dim_v=d, seqlen_q=n, seqlen_k=n, heads_q=hq, heads_k=hq)
     assert plan(p).endswith(f"+dynamic+g{want}")
+
+
+@pytest.mark.parametrize("n", [4096, 16384])
+def test_causal_hd64_on_the_dynamic_schedule_keeps_the_plain_kernel(monkeypatch, n):
+    """v3-ownkeys, the hd64 causal default, has no dynamic form: "+dynamic" runs v3-no-pingpong
+    on it rather than quietly dropping to the static schedule."""
+    monkeypatch.setenv("LONGFLASH_CUDA_FWD", "+dynamic")
+    p = params(head_dim_qk=64, head_dim_v=64, seqlen_q=n, seqlen_k=n, window_right=0)
+    assert plan(p).startswith("v3-no-pingpong+dynamic+g")
 
 
 @pytest.mark.parametrize(
