@@ -104,7 +104,7 @@ struct FwdTiles {
 // calls whose tiles all cost the same (no band, not varlen: api.cpp fwd_grid).
 template <typename Element_, int kDqk_, int kDv_, int kConsumerWGs_ = 2, int kStages_ = 2,
           bool kPingPong_ = false, bool kExpEmu_ = false, bool kDynamic_ = false,
-          bool kStreamK_ = false, bool kLazy_ = (kDv_ >= 192),
+          bool kStreamK_ = false, bool kLazy_ = (kDv_ >= 192 || (kDqk_ == 128 && kDv_ == 128)),
           bool kOwnKeys_ = false>
 struct FwdKernelBase {
   using Element = Element_;
@@ -121,15 +121,15 @@ struct FwdKernelBase {
   static constexpr bool kExpEmu = kExpEmu_;
   static constexpr bool kDynamic = kDynamic_;
   static constexpr bool kStreamK = kStreamK_;
-  // kLazy_ (Dv 192 and 256, on every schedule, so that all of them compute a tile alike): a row
-  // keeps its reference maximum until a score exceeds it by more than 2^kHeadroom, so most key
+  // kLazy_ (hd128, Dv 192 and 256, on every schedule, so that all of them compute a tile alike): a
+  // row keeps its reference maximum until a score exceeds it by more than 2^kHeadroom, so most key
   // blocks skip the rescale of O (kDv/2 multiplies per thread and key block, against kBlockN/2
   // scores of ~5 softmax instructions each: about 80% of the softmax's count at hd256, 40% at
   // hd192, 20% at hd128) and its wait for P·V. P then lies in [0, 2^kHeadroom], well inside fp16
   // and bf16; O, the sum and lse all refer to the same reference, so the result is the same
-  // softmax. On the H200 (NOTES-cuda.md, "Lazy rescaling" in sessions 15 and 16) it ran
-  // 1.025-1.035x at hd256, 1.044-1.055x at hd192, 0.99-1.02x at hd128 and 0.97-0.98x at hd64.
-  // Dqk 192 with Dv 128 stays eager (not measured).
+  // softmax. On the H200 (NOTES-cuda.md, "Lazy rescaling" in sessions 15-17) it ran 1.025-1.035x at
+  // hd256, 1.044-1.055x at hd192, 1.008-1.023x at hd128 (session 17, 4K-16K; 0.99-1.02x in session
+  // 15) and 0.97-0.98x at hd64. Dqk 192 with Dv 128 stays eager (not measured).
   static constexpr bool kLazy = kLazy_;
   static constexpr float kHeadroom = 8.f;
   static_assert(!(kLazy && kExpEmu), "exp2_fma takes x <= 0 only");

@@ -422,13 +422,13 @@ def _lazy_events(s_log2, block, headroom=8.0):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d, block", [(256, 64), (192, 96)])
+@pytest.mark.parametrize("d, block", [(256, 64), (192, 96), (128, 128)])
 def test_lazy_rescale_follows_a_growing_maximum(dtype, causal, d, block):
-    """The hd192 and hd256 forwards keep each row's reference maximum until a score exceeds it by
-    2^8 (fwd.cuh kLazy). Random scores almost never move it after the first key block, so here
-    they grow toward the first keys, which the kernel visits last, by ~5 (log2 units) a key block
-    (64 keys at hd256, 96 at hd192): some blocks keep the reference with P up to 2^8, others move
-    it and must rescale O."""
+    """The hd128, hd192 and hd256 forwards keep each row's reference maximum until a score exceeds
+    it by 2^8 (fwd.cuh kLazy). Random scores almost never move it after the first key block, so
+    here they grow toward the first keys, which the kernel visits last, by ~5 (log2 units) a key
+    block (64 keys at hd256, 96 at hd192, 128 at hd128): some blocks keep the reference with P up
+    to 2^8, others move it and must rescale O."""
     from longflash_cuda import _lib, _torch
 
     dt = torch.bfloat16 if dtype == "bf16" else torch.float16
