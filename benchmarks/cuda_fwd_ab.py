@@ -23,7 +23,7 @@ under two names).
     LONGFLASH_CUDA_LIB=build-cuda/liblongflash_cuda.so \
     PYTHONPATH=packages/longflash/src:packages/longflash-cuda/src \
         python benchmarks/cuda_fwd_ab.py --out ab.json [--variants default,v3,v3-emu] \
-            [--seqlens 1024,4096,16384] [--dims 64,128]
+            [--seqlens 1024,4096,16384] [--dims 64,128,192x128]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main() -> int:
     ap.add_argument("--out", default="cuda_fwd_ab.json")
     ap.add_argument("--variants", default="default,v2,v3-no-pingpong,v3")
     ap.add_argument("--seqlens", default="1024,4096,16384")
-    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--dims", default="64,128", help="head dims; DqkxDv for Dqk != Dv (192x128)")
     ap.add_argument("--tokens", type=int, default=16384, help="B·N (the bench grid's 16K)")
     ap.add_argument("--width", type=int, default=2048, help="H·D (the bench grid's 2048)")
     ap.add_argument(
@@ -72,11 +72,10 @@ def main() -> int:
     rows: list[dict] = []
     variants = args.variants.split(",")
     masks = [{"dense": False, "causal": True}[m] for m in args.masks.split(",")]
-    for d in (int(x) for x in args.dims.split(",")):
+    for d, dv in parse_dims(args.dims):
         for n in (int(x) for x in args.seqlens.split(",")):
-            rows += measure(
-                max(1, args.tokens // n), n, args.width // d, d, variants, args.rounds, timer, masks
-            )
+            b, h = max(1, args.tokens // n), args.width // d
+            rows += measure(b, n, h, d, variants, args.rounds, timer, masks, dv=dv)
             report["timings"] = rows
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
@@ -89,9 +88,19 @@ def main() -> int:
             cells.append(f"{r[f'{v}_fwd_tflops']:.0f} ({t:.3f})" if t else "-")
         ours = [r[f"{v}_fwd_tflops"] for v in variants if f"{v}_fwd_tflops" in r]
         ratio = f"{max(ours) / r['flash_fwd_tflops']:.2f}" if "flash_fwd_tflops" in r else "-"
-        head = f"{r['N']:>6} {r['D']:>4} {str(r['causal']):>5} | "
+        dims = f"{r['D']}" if r["Dv"] == r["D"] else f"{r['D']}x{r['Dv']}"
+        head = f"{r['N']:>6} {dims:>4} {str(r['causal']):>5} | "
         print(head + " | ".join(cells) + f" | {ratio}")
     return 0
+
+
+def parse_dims(spec: str) -> list[tuple[int, int]]:
+    """(Dqk, Dv) pairs from "64,192x128": [(64, 64), (192, 128)]."""
+    pairs = []
+    for item in spec.split(","):
+        dqk, _, dv = item.partition("x")
+        pairs.append((int(dqk), int(dv or dqk)))
+    return pairs
 
 
 def _sdpa(backend, qt, kt, vt, causal: bool) -> torch.Tensor:
@@ -110,19 +119,21 @@ def measure(
     rounds: int,
     timer=None,
     masks=(False, True),
+    dv: int | None = None,
 ) -> list[dict]:
     from torch.nn.attention import SDPBackend
 
     torch.manual_seed(0)
     q = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16)
+    dv = d if dv is None else dv
     k = torch.randn_like(q)
-    v = torch.randn_like(q)
+    v = torch.randn(b, n, h, dv, device="cuda", dtype=torch.bfloat16)
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     rows = []
     for causal in masks:
-        flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
+        flops = 2 * b * h * n * n * (d + dv) * (0.5 if causal else 1.0)
         call = lft.make_call(q, k, v, causal=causal)
-        row = {"causal": causal, "B": b, "N": n, "H": h, "D": d, "rounds": rounds}
+        row = {"causal": causal, "B": b, "N": n, "H": h, "D": d, "Dv": dv, "rounds": rounds}
         ref = None
         cases = {}
         for var in variants:
