@@ -406,15 +406,17 @@ def cases(quick: bool, compiled):
                             dtype=dt,
                         )
                     )
-                if not quick and d == dv == 192:
+                if not quick and d == 192:
                     # hd192's lazy rescaling (fwd.cuh kLazy) over many 96-key blocks: a dense
-                    # call (stream-K's shape) and a long causal one with Nq < Nk
+                    # call (stream-K's shape) and a long causal one with Nq < Nk; the same at
+                    # Dv 128 (eager, or lazy under an A/B build)
+                    tag = "hd192" if dv == 192 else "hd192x128"
                     for name, shape in (
                         ("dense 2000", dict(Nq=2000, Nk=2000)),
                         ("causal Nq=1000 Nk=3000", dict(Nq=1000, Nk=3000, causal=True)),
                     ):
                         out.append(
-                            dict(name=f"hd192 {key} {name}", D=192, Dv=192, dtype=dt, **shape)
+                            dict(name=f"{tag} {key} {name}", D=192, Dv=dv, dtype=dt, **shape)
                         )
     return out
 
