@@ -75,7 +75,7 @@ def main() -> int:
     for d, dv in parse_dims(args.dims):
         for n in (int(x) for x in args.seqlens.split(",")):
             b, h = max(1, args.tokens // n), args.width // d
-            rows += measure(b, n, h, d, variants, args.rounds, timer, masks, dv=dv)
+            rows += measure(b, n, h, d, dv, variants, args.rounds, timer, masks)
             report["timings"] = rows
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
@@ -115,24 +115,23 @@ def measure(
     n: int,
     h: int,
     d: int,
+    dv: int,
     variants: list[str],
     rounds: int,
     timer=None,
     masks=(False, True),
-    dv: int | None = None,
 ) -> list[dict]:
     from torch.nn.attention import SDPBackend
 
     torch.manual_seed(0)
     q = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16)
-    dv = d if dv is None else dv
     k = torch.randn_like(q)
     v = torch.randn(b, n, h, dv, device="cuda", dtype=torch.bfloat16)
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     rows = []
     for causal in masks:
-        flops = 2 * b * h * n * n * (d + dv) * (0.5 if causal else 1.0)
         call = lft.make_call(q, k, v, causal=causal)
+        flops = call.flops()
         row = {"causal": causal, "B": b, "N": n, "H": h, "D": d, "Dv": dv, "rounds": rounds}
         ref = None
         cases = {}
