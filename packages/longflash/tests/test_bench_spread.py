@@ -3,25 +3,12 @@ it and no run falls short by more than the slack."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
+from _scripts import load_script
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "bench_spread", ROOT / "benchmarks" / "bench_spread.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_spread"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bs = _load()
+bs = load_script("benchmarks/bench_spread.py", "bench_spread")
 
 
 def _run(tmp_path: Path, name: str, fwd128: float, bwd64: float, small: float = 0.5) -> Path:

@@ -3,26 +3,20 @@ against the kernel sources, ncu CSV parsing, and the CPU dry run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from _scripts import load_script
 
 REPO = Path(__file__).resolve().parents[3]
-IO_PY = REPO / "benchmarks" / "io.py"
 
 
 @pytest.fixture(scope="module")
 def io():
-    # Loaded by path under its own name: "io" would collide with the standard library.
-    spec = importlib.util.spec_from_file_location("longflash_bench_io", IO_PY)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    # Loaded under its own name: "io" would collide with the standard library.
+    return load_script("benchmarks/io.py", "longflash_bench_io")
 
 
 def test_forward_terms_closed_form(io):

@@ -4,28 +4,16 @@ LLaMA model with each attention variant, which must agree."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from _scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[3]
-SCRIPT = ROOT / "benchmarks" / "max_context.py"
 K = 1024
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("max_context", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["max_context"] = mod  # dataclasses resolve their module by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mc = _load()
+mc = load_script("benchmarks/max_context.py", "max_context")
 
 
 def threshold_probe(limit: int, log: list[int] | None = None):

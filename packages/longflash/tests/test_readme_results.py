@@ -3,25 +3,12 @@ what benchmarks/readme_results.py renders from them today."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
+from _scripts import load_script
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "readme_results", ROOT / "benchmarks" / "readme_results.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["readme_results"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-rr = _load()
+rr = load_script("benchmarks/readme_results.py", "readme_results")
 
 
 def test_readme_block_is_up_to_date():

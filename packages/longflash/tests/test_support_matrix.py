@@ -3,25 +3,11 @@ match what the code decides today, and the generator must show what check() answ
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
+from _scripts import load_script
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "gen_support_matrix", ROOT / "docs" / "gen_support_matrix.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gen_support_matrix"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gen = _load()
+gen = load_script("docs/gen_support_matrix.py", "gen_support_matrix")
 
 
 def test_committed_page_is_up_to_date():
